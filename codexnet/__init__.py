@@ -1,0 +1,3 @@
+"""codexnet: drive OpenAI Codex on several machines from one Telegram chat."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""Pieces shared by the two command-line entry points."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+
+
+async def run_until_signal(main: Callable[[], Awaitable[object]]) -> None:
+    """Run `main` until it returns or SIGTERM/SIGINT arrives, then cancel it.
+
+    Cancellation is the shutdown path: every service cleans up in shielded,
+    bounded `finally` blocks, so a signal ends the process within seconds.
+    """
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s received, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await main()
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,1 @@
+"""The manager: Telegram bot and WebSocket hub."""

@@ -1,0 +1,1 @@
+"""The proxy: one per machine, drives a codex app-server."""

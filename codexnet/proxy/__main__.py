@@ -1,0 +1,52 @@
+"""`python -m codexnet.proxy`: connect this machine's Codex to the manager."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from codexnet.cli import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, run_until_signal
+from codexnet.config import DEFAULT_PROXY_CONFIG, ConfigError, load_proxy_config
+from codexnet.logs import setup_logging
+from codexnet.proxy.appserver import AppServer
+from codexnet.proxy.service import ProxyRefused, ProxyService
+
+log = logging.getLogger("codexnet.proxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="codexnet-proxy", description=__doc__)
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"config file (default: ./{DEFAULT_PROXY_CONFIG})"
+    )
+    parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = load_proxy_config(args.config)
+    except ConfigError as exc:
+        print(f"codexnet-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{config.source}: OK (proxy {config.proxy_id!r} → {config.manager_ws})")
+        return EXIT_OK
+
+    service = ProxyService(config, AppServer(config))
+    refused: list[BaseException] = []
+    try:
+        trio.run(run_until_signal, service.run)
+    except* ProxyRefused as group:
+        refused.extend(group.exceptions)
+    if refused:
+        log.error("%s", refused[0])
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""Keep one `codex app-server --listen stdio://` child alive and run turns on it.
+
+`AppServer.serve` supervises the child: spawn (own process group), drain
+stderr into the log, `initialize`, then wait; when the child dies every turn in
+flight fails with a clear reason and a new child is started with backoff. On
+shutdown it closes stdin (Codex exits in ~30 ms and marks running turns
+interrupted), then SIGTERMs and SIGKILLs the whole group, each step bounded.
+
+`AppServer.run_turn` runs one prompt on a thread: `thread/start` for a new
+thread, `thread/resume` for a known one this child has not loaded yet, then
+`turn/start`, and waits for `turn/completed`. Turns on one thread are
+serialised: `turn/start` on a busy thread would silently steer the running turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Final
+
+import attrs
+import trio
+
+import codexnet
+from codexnet.config import ProxyConfig
+from codexnet.proxy.jsonrpc import JsonRpcPeer, PeerClosed, RpcError, ServerRequest
+from codexnet.proxy.progress import describe_item
+
+log = logging.getLogger(__name__)
+
+INITIALIZE_TIMEOUT_S: Final = 60.0
+STOP_GRACE_S: Final = 3.0
+KILL_GRACE_S: Final = 3.0
+RESTART_BACKOFF_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
+READY_WAIT_S: Final = 30.0
+INTERRUPT_WAIT_S: Final = 10.0
+APPROVAL_METHODS: Final = {
+    "item/commandExecution/requestApproval": "command",
+    "item/fileChange/requestApproval": "file_change",
+    "execCommandApproval": "command",
+    "applyPatchApproval": "file_change",
+}
+
+
+class AppServerUnavailable(Exception):
+    """No healthy app-server child to run the turn on."""
+
+
+@attrs.frozen
+class Approval:
+    kind: str  # "command" | "file_change"
+    summary: str  # the command, or a one-line change summary
+    detail: str  # cwd, reason, file list
+
+
+# The runner's answer to an approval: "accept", "acceptForSession", "decline" or "cancel".
+ApprovalHandler = Callable[[Approval], Awaitable[str]]
+
+
+@attrs.define(eq=False)
+class Turn:
+    """What one running turn has produced so far; updated by the reader task."""
+
+    thread_id: str
+    on_change: Callable[[], None]
+    on_approval: ApprovalHandler
+    turn_id: str | None = None
+    messages: dict[str, str] = attrs.Factory(dict)  # agentMessage item id → text
+    step: str = "starting"
+    status: str | None = None  # turn/completed status
+    error: str | None = None
+    usage: dict[str, int] = attrs.Factory(dict)
+    finished: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(t for t in self.messages.values() if t.strip())
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        if not self.finished.is_set():
+            self.status = status
+            self.error = self.error or error
+            self.finished.set()
+            self.on_change()
+
+
+@attrs.frozen
+class TurnOutcome:
+    status: str  # completed | failed | interrupted | timeout
+    text: str
+    thread_id: str
+    error: str | None
+    usage: dict[str, int]
+    notice: str | None = None  # e.g. the old thread was gone and a new one was started
+
+
+@attrs.define(eq=False)
+class _Child:
+    """One app-server process and what it has loaded."""
+
+    process: trio.Process
+    peer: JsonRpcPeer
+    loaded_threads: set[str] = attrs.Factory(set)
+    turns: dict[str, Turn] = attrs.Factory(dict)  # thread id → running turn
+
+
+async def _terminate_group(process: trio.Process) -> None:
+    """`deliver_cancel` for run_process: TERM, then KILL, the child's whole group.
+
+    Codex runs commands in grandchildren (sandbox helpers, shells); signalling
+    only the direct child would orphan them.
+    """
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        if grace is not None:
+            await trio.sleep(grace)
+
+
+class AppServer:
+    def __init__(self, config: ProxyConfig, env: dict[str, str] | None = None) -> None:
+        self._config = config
+        self._env = config.child_env(os.environ if env is None else env)
+        self._child: _Child | None = None
+        self._ready = trio.Event()
+        self._last_error = "app-server has not started yet"
+        self._thread_locks: dict[str, trio.Lock] = {}
+        self.restarts = 0
+        self.version = ""
+
+    @property
+    def command(self) -> list[str]:
+        return [self._config.codex_bin, "app-server", "--listen", "stdio://"]
+
+    # ------------------------------------------------------------------ supervision
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the child forever, restarting it with backoff when it dies."""
+        task_status.started()
+        failures = 0
+        while True:
+            ran_ok = await self._run_child_once()
+            failures = 0 if ran_ok else failures + 1
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            log.warning("restarting codex app-server in %.0f s", delay)
+            await trio.sleep(delay)
+            self.restarts += 1
+
+    async def _run_child_once(self) -> bool:
+        """Start one child, serve it until it exits; True if it got past initialize."""
+        initialized = False
+        try:
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        self.command,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        check=False,
+                        start_new_session=True,
+                        deliver_cancel=_terminate_group,
+                        env=self._env,
+                        cwd=str(self._config.codex_cwd),
+                    )
+                )
+                assert process.stdin is not None
+                assert process.stdout is not None
+                assert process.stderr is not None
+                child = _Child(process, peer=None)  # type: ignore[arg-type]
+                child.peer = JsonRpcPeer(
+                    process.stdin,
+                    process.stdout,
+                    on_notification=partial(self._on_notification, child),
+                    on_request=partial(self._on_server_request, child, nursery),
+                )
+                # Readers first: writing before anyone reads stdout can deadlock.
+                nursery.start_soon(self._drain_stderr, process.stderr)
+                nursery.start_soon(child.peer.run)
+                try:
+                    with trio.fail_after(INITIALIZE_TIMEOUT_S):
+                        info = await child.peer.request(
+                            "initialize",
+                            {
+                                "clientInfo": {
+                                    "name": "codexnet",
+                                    "title": "codexnet proxy",
+                                    "version": codexnet.__version__,
+                                }
+                            },
+                        )
+                        await child.peer.notify("initialized")
+                    self.version = _version_from_user_agent(info)
+                    initialized = True
+                    self._child = child
+                    self._ready.set()
+                    log.info(
+                        "codex app-server ready (pid %d, %s)", process.pid, self.version or "?"
+                    )
+                    await process.wait()
+                except trio.TooSlowError:
+                    self._last_error = "app-server did not answer initialize"
+                    log.error("%s within %.0f s", self._last_error, INITIALIZE_TIMEOUT_S)
+                except (PeerClosed, RpcError) as exc:
+                    self._last_error = f"app-server failed to initialize: {exc}"
+                    log.error("%s", self._last_error)
+                finally:
+                    self._forget_child(child)
+                    with trio.CancelScope(shield=True):
+                        await self._stop_gracefully(process)
+                    nursery.cancel_scope.cancel()
+            code = process.returncode
+            self._last_error = f"app-server exited with code {code}"
+            log.error("%s", self._last_error)
+        except OSError as exc:
+            self._last_error = f"cannot start {self._config.codex_bin!r}: {exc.strerror or exc}"
+            log.error("%s", self._last_error)
+        return initialized
+
+    def _forget_child(self, child: _Child) -> None:
+        if self._child is child:
+            self._child = None
+            self._ready = trio.Event()
+        for turn in list(child.turns.values()):
+            turn.finish("failed", "the Codex app-server crashed")
+        child.turns.clear()
+
+    @staticmethod
+    async def _stop_gracefully(process: trio.Process) -> None:
+        """Close stdin and give Codex a moment to exit on its own (it does in ~30 ms)."""
+        if process.returncode is not None:
+            return
+        assert process.stdin is not None
+        with trio.move_on_after(STOP_GRACE_S):
+            try:
+                await process.stdin.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await process.wait()
+
+    @staticmethod
+    async def _drain_stderr(stream: trio.abc.ReceiveStream) -> None:
+        """Codex logs to stderr; an unread pipe would eventually block it."""
+        buffer = b""
+        try:
+            async for chunk in stream:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        log.debug("codex: %s", line.decode(errors="replace")[:2000])
+                buffer = buffer[-65536:]
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    # ------------------------------------------------------------------ incoming
+
+    def _on_notification(self, child: _Child, method: str, params: dict[str, Any]) -> None:
+        thread_id = params.get("threadId")
+        turn = child.turns.get(thread_id) if isinstance(thread_id, str) else None
+        if turn is None:
+            return
+        if method == "item/agentMessage/delta":
+            item_id = str(params.get("itemId", ""))
+            turn.messages[item_id] = turn.messages.get(item_id, "") + str(params.get("delta", ""))
+            turn.step = "writing the answer"
+        elif method in ("item/started", "item/completed"):
+            item = params.get("item")
+            if isinstance(item, dict):
+                if item.get("type") == "agentMessage" and method == "item/completed":
+                    # The completed item's text is authoritative; deltas are a preview.
+                    turn.messages[str(item.get("id", ""))] = str(item.get("text") or "")
+                step = describe_item(item) if method == "item/started" else "thinking"
+                if step:
+                    turn.step = step
+        elif method == "turn/started":
+            turn.step = "thinking"
+        elif method == "error":
+            error = params.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            if params.get("willRetry"):
+                turn.step = f"model error, retrying: {message}"
+            elif message:
+                turn.error = str(message)
+        elif method == "thread/tokenUsage/updated":
+            usage = params.get("tokenUsage", {}).get("last", {})
+            turn.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        elif method == "turn/completed":
+            info = params.get("turn") if isinstance(params.get("turn"), dict) else {}
+            assert isinstance(info, dict)
+            if turn.turn_id is not None and info.get("id") not in (None, turn.turn_id):
+                return
+            error = info.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            turn.finish(str(info.get("status", "completed")), message)
+            return
+        else:
+            return
+        turn.on_change()
+
+    def _on_server_request(
+        self, child: _Child, nursery: trio.Nursery, request: ServerRequest
+    ) -> None:
+        nursery.start_soon(self._answer_server_request, child, request)
+
+    async def _answer_server_request(self, child: _Child, request: ServerRequest) -> None:
+        kind = APPROVAL_METHODS.get(request.method)
+        thread_id = request.params.get("threadId") or request.params.get("conversationId")
+        turn = child.turns.get(thread_id) if isinstance(thread_id, str) else None
+        try:
+            if kind is None or turn is None:
+                log.warning("declining unsupported app-server request %s", request.method)
+                await child.peer.respond_error(
+                    request.id, -32601, f"codexnet does not support {request.method}"
+                )
+                return
+            decision = await turn.on_approval(_describe_approval(kind, request.params))
+            if request.method in ("execCommandApproval", "applyPatchApproval"):
+                legacy = {"accept": "approved", "acceptForSession": "approved_for_session"}
+                await child.peer.respond(request.id, {"decision": legacy.get(decision, "denied")})
+            else:
+                await child.peer.respond(request.id, {"decision": decision})
+        except PeerClosed:
+            pass  # the child died; its turns fail through _forget_child
+
+    # ------------------------------------------------------------------ turns
+
+    async def _ready_child(self) -> _Child:
+        with trio.move_on_after(READY_WAIT_S):
+            await self._ready.wait()
+        if self._child is None:
+            raise AppServerUnavailable(self._last_error)
+        return self._child
+
+    async def run_turn(
+        self,
+        thread_id: str | None,
+        prompt: str,
+        *,
+        on_change: Callable[[], None],
+        on_approval: ApprovalHandler,
+        on_turn: Callable[[Turn], None],
+        cancel: trio.Event,
+    ) -> TurnOutcome:
+        """Run `prompt` as one turn; the caller owns the timeout (cancel → interrupt).
+
+        `on_turn` receives the live `Turn` as soon as it exists; `on_change` is
+        called after each update. Setting `cancel` interrupts the turn.
+        """
+        child = await self._ready_child()
+        notice = None
+        if thread_id is None:
+            thread_id = await self._start_thread(child)
+        elif thread_id not in child.loaded_threads:
+            try:
+                await self._resume_thread(child, thread_id)
+            except RpcError as exc:
+                log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
+                notice = "The previous Codex conversation could not be resumed; started a new one."
+                thread_id = await self._start_thread(child)
+
+        lock = self._thread_locks.setdefault(thread_id, trio.Lock())
+        async with lock:
+            turn = Turn(thread_id, on_change=on_change, on_approval=on_approval)
+            child.turns[thread_id] = turn
+            on_turn(turn)
+            try:
+                result = await child.peer.request(
+                    "turn/start",
+                    {"threadId": thread_id, "input": [{"type": "text", "text": prompt}]},
+                )
+                turn.turn_id = (result or {}).get("turn", {}).get("id")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._interrupt_on, cancel, child, turn)
+                    await turn.finished.wait()
+                    nursery.cancel_scope.cancel()
+            except PeerClosed:
+                turn.finish("failed", "the Codex app-server crashed")
+            finally:
+                if child.turns.get(thread_id) is turn:
+                    del child.turns[thread_id]
+                if not turn.finished.is_set():
+                    # We are being cancelled (timeout/shutdown): stop the turn, bounded.
+                    with trio.CancelScope(shield=True), trio.move_on_after(INTERRUPT_WAIT_S):
+                        await self._interrupt(child, turn)
+        return TurnOutcome(
+            status=turn.status or "failed",
+            text=turn.text,
+            thread_id=thread_id,
+            error=turn.error,
+            usage=turn.usage,
+            notice=notice,
+        )
+
+    async def _interrupt_on(self, cancel: trio.Event, child: _Child, turn: Turn) -> None:
+        await cancel.wait()
+        await self._interrupt(child, turn)
+
+    async def _interrupt(self, child: _Child, turn: Turn) -> None:
+        if turn.turn_id is None or child.peer.closed:
+            return
+        try:
+            await child.peer.request(
+                "turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id}
+            )
+        except RpcError as exc:
+            log.info("interrupt of turn %s: %s", turn.turn_id, exc)  # already finished
+        except PeerClosed:
+            pass
+
+    def _thread_params(self) -> dict[str, Any]:
+        return {
+            "cwd": str(self._config.codex_cwd),
+            "approvalPolicy": self._config.approval_policy,
+            "sandbox": self._config.sandbox,
+        }
+
+    async def _start_thread(self, child: _Child) -> str:
+        result = await child.peer.request("thread/start", self._thread_params())
+        thread_id = str(result["thread"]["id"])
+        child.loaded_threads.add(thread_id)
+        return thread_id
+
+    async def _resume_thread(self, child: _Child, thread_id: str) -> None:
+        await child.peer.request(
+            "thread/resume", {"threadId": thread_id, "excludeTurns": True, **self._thread_params()}
+        )
+        child.loaded_threads.add(thread_id)
+
+
+def _version_from_user_agent(info: Any) -> str:
+    # userAgent looks like "codexnet/0.169.0 (Debian …) …": the codex version follows the slash.
+    agent = info.get("userAgent", "") if isinstance(info, dict) else ""
+    head = agent.split(" ", 1)[0]
+    return head.split("/", 1)[1] if "/" in head else ""
+
+
+def _describe_approval(kind: str, params: dict[str, Any]) -> Approval:
+    if kind == "command":
+        command = params.get("command")
+        if isinstance(command, list):
+            command = " ".join(str(c) for c in command)
+        actions = params.get("commandActions")
+        if isinstance(actions, list) and actions and isinstance(actions[0], dict):
+            command = actions[0].get("command") or command
+        notes = []
+        if params.get("cwd"):
+            notes.append(f"in {params['cwd']}")
+        if params.get("reason"):
+            notes.append(f"reason: {params['reason']}")
+        return Approval("command", str(command or "(unknown command)"), "; ".join(notes))
+    changes = params.get("changes") or params.get("fileChanges") or {}
+    paths = list(changes) if isinstance(changes, dict) else []
+    if isinstance(changes, list):
+        paths = [str(c.get("path")) for c in changes if isinstance(c, dict)]
+    summary = f"change {len(paths)} file(s)" if paths else "apply a file change"
+    detail = ", ".join(paths[:10])
+    if params.get("reason"):
+        detail = f"{detail}; reason: {params['reason']}".strip("; ")
+    return Approval("file_change", summary, detail)

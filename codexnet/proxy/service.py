@@ -1,0 +1,366 @@
+"""The proxy service: connect out to the manager and run its tasks on Codex.
+
+Task tree (every task lives in a nursery and nothing outlives its parent):
+
+    ProxyService.run
+    ├── AppServer.serve            the supervised codex child
+    ├── _connect_loop              connect → hello → serve frames → reconnect with backoff
+    └── _run_task (one per task)   lives across reconnects, so a dropped socket
+        └── _forward               does not kill a running turn
+
+Delivery: results wait in `_outbox` until the manager's `result_ack` and are
+sent again after every reconnect; the live text is re-sent as one `snapshot`
+event, so the manager's view catches up whatever was lost with the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+from typing import Final
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+import codexnet
+from codexnet.config import ProxyConfig
+from codexnet.protocol import (
+    CLOSE_PROTOCOL_VERSION,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNKNOWN_PROXY,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    ApprovalDecision,
+    ApprovalRequest,
+    Hello,
+    Load,
+    ProtocolError,
+    ProxyFrame,
+    ResultAck,
+    Task,
+    TaskAck,
+    TaskCancel,
+    TaskEvent,
+    TaskResult,
+    Welcome,
+    decode_manager_frame,
+    encode,
+)
+from codexnet.proxy.appserver import Approval, AppServer, AppServerUnavailable, Turn
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S: Final = 15.0
+RECONNECT_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+FORWARD_INTERVAL_S: Final = 0.3  # at most ~3 event batches per second per task
+FATAL_CLOSE_CODES: Final = {CLOSE_UNAUTHORIZED, CLOSE_UNKNOWN_PROXY, CLOSE_PROTOCOL_VERSION}
+
+
+class ProxyRefused(Exception):
+    """The manager refused this proxy for good (wrong token, unknown id, version)."""
+
+
+@attrs.define(eq=False)
+class _Running:
+    task: Task
+    cancel: trio.Event = attrs.Factory(trio.Event)
+    changed: trio.Event = attrs.Factory(trio.Event)
+    turn: Turn | None = None
+    seq: int = 0
+    sent_text: str = ""
+    sent_step: str = ""
+    approvals: dict[str, tuple[ApprovalRequest, trio.Event, list[str]]] = attrs.Factory(dict)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def poke(self) -> None:
+        self.changed.set()
+
+
+class ProxyService:
+    def __init__(self, config: ProxyConfig, app: AppServer) -> None:
+        self._config = config
+        self._app = app
+        self._ws: WebSocketConnection | None = None
+        self._send_lock = trio.StrictFIFOLock()
+        self._running: dict[str, _Running] = {}
+        self._outbox: dict[str, TaskResult] = {}
+        self._capacity = trio.Semaphore(config.capacity)
+        self._approval_counter = 0
+        self.connected = trio.Event()
+
+    async def run(self) -> None:
+        """Serve until cancelled; raises `ProxyRefused` when the manager refuses us."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._app.serve)
+            await self._connect_loop(nursery)
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connect_loop(self, tasks: trio.Nursery) -> None:
+        failures = 0
+        while True:
+            refused: str | None = None
+            try:
+                async with open_websocket_url(
+                    self._config.manager_ws,
+                    max_message_size=MAX_FRAME_BYTES,
+                    connect_timeout=20,
+                    disconnect_timeout=5,
+                ) as ws:
+                    failures = 0
+                    await self._session(ws, tasks)
+            except* ConnectionClosed as group:
+                refused = _refusal(group)
+                log.warning("connection to the manager closed: %s", _close_reason(group))
+            except* (HandshakeError, OSError) as group:
+                log.warning(
+                    "cannot reach the manager at %s: %s", self._config.manager_ws, _first(group)
+                )
+            except* ProtocolError as group:
+                log.error("manager sent a bad frame: %s", _first(group))
+            finally:
+                self._ws = None
+                self.connected = trio.Event()
+            if refused is not None:
+                raise ProxyRefused(refused)
+            delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+            failures += 1
+            # Jitter spreads a fleet of proxies reconnecting after a manager restart.
+            await trio.sleep(delay * random.uniform(0.7, 1.3))
+
+    async def _session(self, ws: WebSocketConnection, tasks: trio.Nursery) -> None:
+        await ws.send_message(encode(self._hello()))
+        with trio.fail_after(HELLO_TIMEOUT_S):
+            first = decode_manager_frame(await ws.get_message())
+        if not isinstance(first, Welcome):
+            raise ProtocolError(f"expected welcome, got {first.type!r}")
+        log.info(
+            "connected to the manager at %s as %r", self._config.manager_ws, self._config.proxy_id
+        )
+        self._ws = ws
+        self.connected.set()
+        await self._replay()
+        while True:
+            frame = decode_manager_frame(await ws.get_message())
+            if isinstance(frame, Task):
+                self._accept_task(frame, tasks)
+            elif isinstance(frame, TaskCancel):
+                running = self._running.get(frame.task_id)
+                if running is not None:
+                    log.info("task %s: cancel requested", frame.task_id)
+                    running.cancel.set()
+            elif isinstance(frame, ApprovalDecision):
+                self._decide(frame)
+            elif isinstance(frame, ResultAck):
+                self._outbox.pop(frame.task_id, None)
+
+    def _hello(self) -> Hello:
+        return Hello(
+            proxy_id=self._config.proxy_id,
+            token=self._config.proxy_token,
+            protocol=PROTOCOL_VERSION,
+            capacity=self._config.capacity,
+            labels=list(self._config.labels),
+            version=f"codexnet {codexnet.__version__}; codex {self._app.version or '?'}",
+            running=list(self._running),
+            finished=list(self._outbox),
+        )
+
+    async def _replay(self) -> None:
+        """After a (re)connect: resend unacknowledged results and the live state."""
+        for result in list(self._outbox.values()):
+            await self._send(result)
+        for running in list(self._running.values()):
+            running.sent_text = ""
+            running.sent_step = ""
+            running.poke()
+            for request, _, _ in list(running.approvals.values()):
+                await self._send(request)
+
+    async def _send(self, frame: ProxyFrame) -> bool:
+        """Send if connected; False when the frame could not go out (it is not queued)."""
+        ws = self._ws
+        if ws is None:
+            return False
+        try:
+            async with self._send_lock:
+                await ws.send_message(encode(frame))
+        except ConnectionClosed:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ tasks
+
+    def _accept_task(self, task: Task, tasks: trio.Nursery) -> None:
+        if task.task_id in self._outbox:
+            # The manager missed our result (it restarted); send it again.
+            tasks.start_soon(self._send, self._outbox[task.task_id])
+            return
+        if task.task_id in self._running:
+            return  # a duplicate delivery of a task we already run
+        running = _Running(task)
+        self._running[task.task_id] = running
+        tasks.start_soon(self._run_task, running)
+
+    async def _run_task(self, running: _Running) -> None:
+        task = running.task
+        await self._send(TaskAck(task.task_id))
+        log.info(
+            "task %s: started (chat %s, thread %s)",
+            task.task_id,
+            task.chat_id,
+            task.thread_id or "new",
+        )
+        result: TaskResult
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward, running)
+            async with self._capacity:
+                await self._send(Load(len(self._running), self._config.capacity))
+                result = await self._execute(running)
+            nursery.cancel_scope.cancel()
+        await self._flush(running)
+        self._outbox[task.task_id] = result
+        del self._running[task.task_id]
+        log.info(
+            "task %s: %s%s",
+            task.task_id,
+            result.status,
+            f" ({result.error})" if result.error else "",
+        )
+        await self._send(result)
+        await self._send(Load(len(self._running), self._config.capacity))
+
+    async def _execute(self, running: _Running) -> TaskResult:
+        task = running.task
+
+        def on_turn(turn: Turn) -> None:
+            running.turn = turn
+
+        with trio.move_on_after(task.timeout_s) as deadline:
+            try:
+                outcome = await self._app.run_turn(
+                    task.thread_id,
+                    task.prompt,
+                    on_change=running.poke,
+                    on_approval=partial(self._ask_approval, running),
+                    on_turn=on_turn,
+                    cancel=running.cancel,
+                )
+            except AppServerUnavailable as exc:
+                return TaskResult(task.task_id, "failed", error=str(exc), thread_id=task.thread_id)
+            status = outcome.status
+            if status not in ("completed", "failed", "interrupted"):
+                status = "failed"
+            text = outcome.text
+            if outcome.notice:
+                text = f"{outcome.notice}\n\n{text}" if text else outcome.notice
+            return TaskResult(
+                task.task_id,
+                status,  # type: ignore[arg-type]
+                text=text,
+                thread_id=outcome.thread_id,
+                error=outcome.error,
+                usage=outcome.usage,
+            )
+        assert deadline.cancelled_caught
+        turn = running.turn
+        return TaskResult(
+            task.task_id,
+            "timeout",
+            text=turn.text if turn else "",
+            thread_id=turn.thread_id if turn else task.thread_id,
+            error=f"no answer within {task.timeout_s:.0f} s",
+        )
+
+    async def _forward(self, running: _Running) -> None:
+        """Send the turn's new text and step, coalesced to a few batches a second."""
+        while True:
+            await running.changed.wait()
+            running.changed = trio.Event()
+            await self._flush(running)
+            await trio.sleep(FORWARD_INTERVAL_S)
+
+    async def _flush(self, running: _Running) -> None:
+        turn = running.turn
+        if turn is None:
+            return
+        task_id = running.task.task_id
+        text = turn.text
+        if text != running.sent_text:
+            if text.startswith(running.sent_text) and running.sent_text:
+                delta = text[len(running.sent_text) :]
+                event = TaskEvent(task_id, running.next_seq(), "delta", delta)
+            else:
+                event = TaskEvent(task_id, running.next_seq(), "snapshot", text)
+            if await self._send(event):
+                running.sent_text = text
+        if turn.step != running.sent_step:
+            step = turn.step
+            if await self._send(TaskEvent(task_id, running.next_seq(), "progress", step)):
+                running.sent_step = step
+
+    async def _ask_approval(self, running: _Running, approval: Approval) -> str:
+        """Forward an approval to the manager and wait for the person's decision."""
+        self._approval_counter += 1
+        approval_id = f"a{self._approval_counter}"
+        request = ApprovalRequest(
+            running.task.task_id, approval_id, approval.kind, approval.summary, approval.detail
+        )
+        decided = trio.Event()
+        slot: list[str] = []
+        running.approvals[approval_id] = (request, decided, slot)
+        try:
+            await self._flush(running)  # the text so far goes out before the question
+            await self._send(request)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_set_when, running.cancel, decided)
+                await decided.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            del running.approvals[approval_id]
+        return slot[0] if slot else "cancel"
+
+    def _decide(self, frame: ApprovalDecision) -> None:
+        running = self._running.get(frame.task_id)
+        entry = running.approvals.get(frame.approval_id) if running else None
+        if entry is None:
+            log.info("ignoring a decision for unknown approval %s", frame.approval_id)
+            return
+        _, decided, slot = entry
+        if not slot:
+            slot.append(frame.decision)
+        decided.set()
+
+
+async def _set_when(source: trio.Event, target: trio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> str:
+    exc = group.exceptions[0]
+    return str(exc) or type(exc).__name__
+
+
+def _refusal(group: BaseExceptionGroup[ConnectionClosed]) -> str | None:
+    for exc in group.exceptions:
+        reason = exc.reason if isinstance(exc, ConnectionClosed) else None
+        if reason is not None and reason.code in FATAL_CLOSE_CODES:
+            return (
+                f"the manager refused this proxy: {reason.reason or reason.name}"
+                f" (close code {reason.code})"
+            )
+    return None
+
+
+def _close_reason(group: BaseExceptionGroup[ConnectionClosed]) -> str:
+    exc = group.exceptions[0]
+    reason = exc.reason if isinstance(exc, ConnectionClosed) else None
+    if reason is not None:
+        return f"{reason.code} {reason.reason or reason.name}"
+    return str(exc)

@@ -1,0 +1,145 @@
+"""A tiny HTTP/1.1 server on trio + h11 for the test fakes.
+
+The fakes (Telegram Bot API, OpenAI Responses API) must be reached over real
+HTTP on 127.0.0.1: the manager's httpx client and the real `codex` binary talk
+to them exactly as they would to the real services. h11 is already installed
+as a dependency of httpx, so no web framework is needed.
+
+A handler gets a `Request` and returns a `Response` whose body is either bytes
+or an async iterator of byte chunks (sent chunked, for server-sent events).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import attrs
+import h11
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024 * 1024
+
+
+@attrs.frozen
+class Request:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(urlsplit(self.target).query))
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: bytes | AsyncIterator[bytes] = b""
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+    @classmethod
+    def json(cls, status: int, payload: Any) -> Response:
+        return cls(
+            status,
+            json.dumps(payload).encode(),
+            {"content-type": "application/json"},
+        )
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def serve_http(
+    handler: Handler,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `handler` until cancelled; `task_status.started(port)` once listening."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, _connection_handler(handler), listeners)
+        task_status.started(bound)
+
+
+def _connection_handler(handler: Handler) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await _serve_connection(stream, handler)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass  # the client went away; that is its business
+        finally:
+            with trio.move_on_after(1, shield=True):
+                await stream.aclose()
+
+    return handle
+
+
+async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
+    while True:
+        request = await _read_request(stream, conn)
+        if request is None:
+            return
+        response = await handler(request)
+        headers = [(k.encode(), v.encode()) for k, v in response.headers.items()]
+        if isinstance(response.body, bytes):
+            headers.append((b"content-length", str(len(response.body)).encode()))
+            await stream.send_all(
+                conn.send(h11.Response(status_code=response.status, headers=headers))
+                or b""
+            )
+            await stream.send_all(conn.send(h11.Data(data=response.body)) or b"")
+        else:
+            headers.append((b"transfer-encoding", b"chunked"))
+            await stream.send_all(
+                conn.send(h11.Response(status_code=response.status, headers=headers))
+                or b""
+            )
+            async for chunk in response.body:
+                await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return
+        conn.start_next_cycle()
+
+
+async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> Request | None:
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            conn.receive_data(data)  # b"" marks EOF
+            continue
+        if isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            return Request(
+                method=head.method.decode(),
+                target=head.target.decode(),
+                headers={k.decode().lower(): v.decode() for k, v in head.headers},
+                body=bytes(body),
+            )
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return None
