@@ -13,6 +13,16 @@ if sys.version_info < (3, 11):
     sys.exit(f"codexnet needs Python 3.11 or newer, this is {sys.version.split()[0]}")
 PY
 
+# The proxy drives the codex CLI, and the end-to-end tests run it: install the
+# pinned npm package into .tools/codex (skip with CODEXNET_SKIP_CODEX=1).
+if [ "${CODEXNET_SKIP_CODEX:-0}" != 1 ]; then
+    if command -v npm >/dev/null 2>&1; then
+        ./scripts/install-codex.sh >/dev/null
+    else
+        echo "install.sh: npm not found; skipping the codex CLI (proxies need it)" >&2
+    fi
+fi
+
 stamp=.venv/.codexnet-install-stamp
 want="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -115,7 +115,7 @@ def test_broken_jsonc_names_the_file(tmp_path: Path) -> None:
 
 
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.json: file not found"):
+    with pytest.raises(ConfigError, match=r"nope\.json: file not found"):
         load_manager_config(tmp_path / "nope.json", env={})
 
 

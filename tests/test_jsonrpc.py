@@ -55,9 +55,11 @@ async def test_requests_match_responses_and_server_ids_do_not_collide(
     peer, notes, requests = make_peer(server)
     nursery.start_soon(peer.run)
     results: dict[str, Any] = {}
+    answered = trio.Event()
 
     async def call(name: str) -> None:
         results[name] = await peer.request(name, {"x": name})
+        answered.set()
 
     nursery.start_soon(call, "initialize")
     first = await server.read()
@@ -70,8 +72,7 @@ async def test_requests_match_responses_and_server_ids_do_not_collide(
     await server.write(b"this is not json\n")
     await server.write({"id": 0, "result": {"userAgent": "x/1"}})
     with trio.fail_after(5):
-        while "initialize" not in results:
-            await trio.sleep(0.01)
+        await answered.wait()
     assert results["initialize"] == {"userAgent": "x/1"}
     assert requests == [ServerRequest(0, "item/commandExecution/requestApproval",
                                       {"threadId": "t"})]
@@ -119,15 +120,20 @@ async def test_pending_requests_fail_when_the_child_goes_away(
 async def test_a_line_split_across_reads_is_reassembled(
     server: ScriptedServer, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    peer, notes, _ = make_peer(server)
+    got = trio.Event()
+    notes: list[Any] = []
+    peer = JsonRpcPeer(
+        server.to_server_send, server.to_client_recv,
+        on_notification=lambda m, p: (notes.append((m, p)), got.set()),
+        on_request=lambda r: None,
+    )
     nursery.start_soon(peer.run)
     line = json.dumps({"method": "item/agentMessage/delta",
                        "params": {"delta": "héllo 😀"}}).encode() + b"\n"
     for i in range(len(line)):
         await server.write(line[i : i + 1])
     with trio.fail_after(5):
-        while not notes:
-            await trio.sleep(0.01)
+        await got.wait()
     assert notes == [("item/agentMessage/delta", {"delta": "héllo 😀"})]
 
 

@@ -219,8 +219,10 @@ class AppServer:
             code = process.returncode
             self._last_error = f"app-server exited with code {code}"
             log.error("%s", self._last_error)
-        except OSError as exc:
-            self._last_error = f"cannot start {self._config.codex_bin!r}: {exc.strerror or exc}"
+        except* OSError as group:
+            exc = group.exceptions[0]
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._last_error = f"cannot start {self._config.codex_bin!r}: {reason}"
             log.error("%s", self._last_error)
         return initialized
 

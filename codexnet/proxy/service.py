@@ -22,7 +22,7 @@ from typing import Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 import codexnet
 from codexnet.config import ProxyConfig
@@ -30,7 +30,6 @@ from codexnet.protocol import (
     CLOSE_PROTOCOL_VERSION,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_PROXY,
-    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     ApprovalDecision,
     ApprovalRequest,
@@ -49,6 +48,7 @@ from codexnet.protocol import (
     encode,
 )
 from codexnet.proxy.appserver import Approval, AppServer, AppServerUnavailable, Turn
+from codexnet.wsclient import connect_websocket
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +106,13 @@ class ProxyService:
         while True:
             refused: str | None = None
             try:
-                async with open_websocket_url(
-                    self._config.manager_ws,
-                    max_message_size=MAX_FRAME_BYTES,
-                    connect_timeout=20,
-                    disconnect_timeout=5,
-                ) as ws:
+                async with connect_websocket(self._config.manager_ws) as ws:
                     failures = 0
                     await self._session(ws, tasks)
             except* ConnectionClosed as group:
                 refused = _refusal(group)
                 log.warning("connection to the manager closed: %s", _close_reason(group))
-            except* (HandshakeError, OSError) as group:
+            except* (HandshakeError, OSError, trio.TooSlowError) as group:
                 log.warning(
                     "cannot reach the manager at %s: %s", self._config.manager_ws, _first(group)
                 )

@@ -1,0 +1,57 @@
+"""Open a client WebSocket whose TCP stream we own and always close.
+
+trio-websocket's `open_websocket_url` leaks the client socket when the server
+closes the connection and the body exits on that `ConnectionClosed` (the
+client waits for the server's TCP close in a reader task that is cancelled
+first). A proxy that reconnects for weeks cannot leak a socket per refusal,
+so the stream is opened here and closed in `finally`, whatever happened.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import WebSocketConnection, wrap_client_stream
+
+from codexnet.protocol import MAX_FRAME_BYTES
+
+
+@asynccontextmanager
+async def connect_websocket(
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    connect_timeout: float = 20.0,
+    max_message_size: int = MAX_FRAME_BYTES,
+) -> AsyncIterator[WebSocketConnection]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    with trio.fail_after(connect_timeout):
+        stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port)
+        if secure:
+            stream = trio.SSLStream(
+                stream, ssl_context or ssl.create_default_context(),
+                server_hostname=parts.hostname,
+            )
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(connect_timeout):
+                ws = await wrap_client_stream(
+                    nursery, stream, parts.hostname, resource, max_message_size=max_message_size
+                )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(2, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)

@@ -1,0 +1,122 @@
+"""A scripted stand-in for `codex app-server --listen stdio://`, run as a real process.
+
+Speaks the same NDJSON dialect as codex 0.169.0 (see docs/ARCHITECTURE.md) for
+the handful of methods the proxy uses. The prompt text picks the behaviour:
+
+    crash        exit with code 3 in the middle of the turn
+    approve      ask for a command approval (server request id 0, colliding
+                 with our ids on purpose), answer with the decision it got
+    hang         stream one delta, then wait for turn/interrupt
+    fail         an `error` notification, then turn/completed status failed
+    slow         one delta, 1.5 s of silence, then the echo
+    anything     echo: "Echo: <prompt>"
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+
+def send(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def read() -> dict[str, Any] | None:
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    threads: set[str] = set()
+    print("fake app-server starting", file=sys.stderr, flush=True)
+    while (message := read()) is not None:
+        method, params, rid = message.get("method"), message.get("params") or {}, message.get("id")
+        if method == "initialize":
+            send({"id": rid, "result": {"userAgent": "codexnet/0.0-fake (test)"}})
+        elif method == "initialized":
+            pass
+        elif method == "thread/start":
+            thread_id = str(uuid.uuid4())
+            threads.add(thread_id)
+            send({"id": rid, "result": {"thread": {"id": thread_id, "cwd": params.get("cwd")}}})
+        elif method == "thread/resume":
+            if params["threadId"] in threads or params["threadId"].startswith("keep-"):
+                threads.add(params["threadId"])
+                send({"id": rid, "result": {"thread": {"id": params["threadId"]}}})
+            else:
+                send({"id": rid, "error": {"code": -32600,
+                                           "message": f"thread not found: {params['threadId']}"}})
+        elif method == "turn/start":
+            run_turn(rid, params)
+        elif method == "turn/interrupt":
+            send({"id": rid, "error": {"code": -32600, "message": "no active turn to interrupt"}})
+        else:
+            send({"id": rid, "error": {"code": -32600, "message": f"unknown variant `{method}`"}})
+
+
+def run_turn(rid: Any, params: dict[str, Any]) -> None:
+    thread_id = params["threadId"]
+    prompt = params["input"][0]["text"]
+    turn_id = str(uuid.uuid4())
+    base = {"threadId": thread_id, "turnId": turn_id}
+    send({"id": rid, "result": {"turn": {"id": turn_id, "status": "inProgress"}}})
+    send({"method": "turn/started", "params": {"threadId": thread_id, "turn": {"id": turn_id}}})
+
+    def say(text: str, status: str = "completed", error: Any = None) -> None:
+        send({"method": "item/started",
+              "params": {**base, "item": {"type": "agentMessage", "id": "msg1", "text": ""}}})
+        for piece in (text[: len(text) // 2], text[len(text) // 2 :]):
+            send({"method": "item/agentMessage/delta",
+                  "params": {**base, "itemId": "msg1", "delta": piece}})
+        send({"method": "item/completed",
+              "params": {**base, "item": {"type": "agentMessage", "id": "msg1", "text": text}}})
+        send({"method": "turn/completed", "params": {"threadId": thread_id, "turn": {
+            "id": turn_id, "status": status, "error": error}}})
+
+    if prompt == "crash":
+        send({"method": "item/agentMessage/delta",
+              "params": {**base, "itemId": "msg1", "delta": "about to"}})
+        sys.exit(3)
+    elif prompt == "approve":
+        send({"method": "item/started", "params": {**base, "item": {
+            "type": "commandExecution", "id": "call1", "command": "/bin/bash -lc 'touch x'",
+            "commandActions": [{"type": "unknown", "command": "touch x"}]}}})
+        send({"id": 0, "method": "item/commandExecution/requestApproval", "params": {
+            **base, "itemId": "call1", "command": "/bin/bash -lc 'touch x'", "cwd": "/w",
+            "commandActions": [{"type": "unknown", "command": "touch x"}]}})
+        answer = read()
+        assert answer is not None and answer.get("id") == 0, answer
+        say(f"decision: {answer['result']['decision']}")
+    elif prompt == "hang":
+        send({"method": "item/agentMessage/delta",
+              "params": {**base, "itemId": "msg1", "delta": "working"}})
+        while (message := read()) is not None:
+            if message.get("method") == "turn/interrupt":
+                send({"id": message["id"], "result": {}})
+                send({"method": "turn/completed", "params": {"threadId": thread_id, "turn": {
+                    "id": turn_id, "status": "interrupted", "error": None}}})
+                return
+    elif prompt == "slow":
+        send({"method": "item/agentMessage/delta",
+              "params": {**base, "itemId": "msg1", "delta": "..."}})
+        time.sleep(1.5)
+        say(f"Echo: {prompt}")
+    elif prompt == "fail":
+        error = {"message": "We're currently experiencing high demand",
+                 "codexErrorInfo": "internalServerError"}
+        send({"method": "error", "params": {**base, "error": error, "willRetry": False}})
+        send({"method": "turn/completed", "params": {"threadId": thread_id, "turn": {
+            "id": turn_id, "status": "failed", "error": error}}})
+    else:
+        say(f"Echo: {prompt}")
+
+
+if __name__ == "__main__":
+    main()

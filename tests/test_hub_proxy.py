@@ -1,0 +1,152 @@
+"""Manager hub ↔ proxy over real WebSockets on 127.0.0.1, with a scripted app-server.
+
+Covers registration, the token check, bad frames, and delivery across a
+dropped socket. The real codex runs in tests/test_e2e_*.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from codexnet.config import ProxyEntry
+from codexnet.manager.hub import Hub, TaskHandle
+from codexnet.protocol import CLOSE_BAD_FRAME, CLOSE_UNAUTHORIZED
+from codexnet.proxy.appserver import AppServer
+from codexnet.proxy.service import ProxyRefused, ProxyService
+from codexnet.wsclient import connect_websocket
+from tests.test_appserver import fake_codex, proxy_config
+
+PROXIES = {"p1": ProxyEntry("right-token-p1", ("gpu",)), "p2": ProxyEntry("right-token-p2")}
+
+
+@pytest.fixture
+async def hub(nursery: trio.Nursery) -> Hub:
+    hub = Hub(PROXIES)
+    hub.port = await nursery.start(hub.serve, "127.0.0.1", 0)  # type: ignore[attr-defined]
+    return hub
+
+
+def make_proxy(tmp_path: Path, hub: Hub, proxy_id: str = "p1", token: str = "right-token-p1"
+               ) -> ProxyService:
+    config = attrs.evolve(
+        proxy_config(tmp_path, fake_codex(tmp_path)),
+        manager_ws=f"ws://127.0.0.1:{hub.port}",  # type: ignore[attr-defined]
+        proxy_id=proxy_id,
+        proxy_token=token,
+    )
+    return ProxyService(config, AppServer(config))
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, hub: Hub) -> AsyncIterator[ProxyService]:
+    service = make_proxy(tmp_path, hub)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.run)
+        with trio.fail_after(20):
+            await hub.wait_online("p1")
+        yield service
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_registered_proxy_runs_a_task(hub: Hub, proxy: ProxyService) -> None:
+    conn = hub.online["p1"]
+    assert conn.labels == ("gpu",)
+    assert conn.capacity == 2
+    updates: list[str] = []
+    with trio.fail_after(20):
+        result = await hub.run_task("p1", "hello", on_update=lambda h: updates.append(h.text))
+    assert result.status == "completed"
+    assert result.text == "Echo: hello"
+    assert result.thread_id
+    with trio.fail_after(20):
+        again = await hub.run_task("p1", "again", thread_id=result.thread_id)
+    assert again.thread_id == result.thread_id
+
+
+async def test_wrong_token_is_refused_and_logged_without_the_token(
+    tmp_path: Path, hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    service = make_proxy(tmp_path, hub, token="wrong-token-xyz")
+    with trio.fail_after(20), pytest.RaisesGroup(
+        pytest.RaisesExc(ProxyRefused, match="wrong token"), flatten_subgroups=True
+    ):
+        await service.run()
+    assert "p1" not in hub.online
+    assert "refusing proxy 'p1'" in caplog.text
+    assert "wrong-token-xyz" not in caplog.text
+    assert "right-token-p1" not in caplog.text
+
+
+async def test_unknown_proxy_is_refused(tmp_path: Path, hub: Hub) -> None:
+    service = make_proxy(tmp_path, hub, proxy_id="intruder")
+    with trio.fail_after(20), pytest.RaisesGroup(
+        pytest.RaisesExc(ProxyRefused, match="unknown proxy id"), flatten_subgroups=True
+    ):
+        await service.run()
+
+
+async def test_a_bad_frame_closes_that_connection_only(hub: Hub, proxy: ProxyService) -> None:
+    url = f"ws://127.0.0.1:{hub.port}"  # type: ignore[attr-defined]
+    for raw in ("not json", '{"type": "hello"}', '{"type": "task", "task_id": "x"}'):
+        with trio.fail_after(10):
+            async with connect_websocket(url) as ws:
+                await ws.send_message(raw)
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.get_message()
+        assert info.value.reason.code == CLOSE_BAD_FRAME
+    # A wrong token from a raw client gets its own close code.
+    async with connect_websocket(url) as ws:
+        await ws.send_message('{"type":"hello","proxy_id":"p2","token":"nope","protocol":1,'
+                              '"capacity":1}')
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.get_message()
+    assert info.value.reason.code == CLOSE_UNAUTHORIZED
+    # The hub and the good proxy are unaffected.
+    with trio.fail_after(20):
+        result = await hub.run_task("p1", "still here")
+    assert result.text == "Echo: still here"
+
+
+async def test_a_dropped_socket_loses_no_result(hub: Hub, proxy: ProxyService,
+                                                nursery: trio.Nursery) -> None:
+    handles: list[TaskHandle] = []
+    got_handle = trio.Event()
+    results = []
+    done = trio.Event()
+
+    def on_handle(handle: TaskHandle) -> None:
+        handles.append(handle)
+        got_handle.set()
+
+    async def run() -> None:
+        results.append(await hub.run_task("p1", "slow", on_handle=on_handle))
+        done.set()
+
+    nursery.start_soon(run)
+    with trio.fail_after(20):
+        await got_handle.wait()
+        await handles[0].acked.wait()
+        first = hub.online["p1"]
+        await first.ws.aclose()  # the network drops mid-task
+        await first.closed.wait()
+        second = await hub.wait_online("p1")  # the proxy reconnects by itself
+        await done.wait()
+    assert second is not first
+    assert len(results) == 1
+    assert results[0].text == "Echo: slow"
+    assert results[0].status == "completed"
+
+
+async def test_offline_proxy_fails_fast(hub: Hub) -> None:
+    from codexnet.manager.hub import TaskFailed
+
+    with pytest.raises(TaskFailed, match="proxy p2 is offline"):
+        await hub.run_task("p2", "hello")
