@@ -134,6 +134,7 @@ class Hub:
         self.online: dict[str, ProxyConn] = {}
         self.tasks: dict[str, TaskHandle] = {}
         self._online_changed = trio.Event()
+        self.port = 0  # the bound port, once serving
 
     def known(self) -> list[str]:
         return sorted(self._proxies)
@@ -178,6 +179,7 @@ class Hub:
                 )
             )
             bound = server.port
+            self.port = bound
             log.info("waiting for proxies on ws://%s:%d", host, bound)
             task_status.started(bound)
 

@@ -1,0 +1,119 @@
+"""The whole system on one machine for end-to-end tests.
+
+A fake Telegram Bot API and a fake model (Responses API), both over real HTTP
+on 127.0.0.1; the real manager; a real proxy driving the real `codex` binary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+from codexnet.config import ManagerConfig, ProxyConfig, ProxyEntry
+from codexnet.manager.hub import Hub
+from codexnet.manager.service import run_manager
+from codexnet.proxy.appserver import AppServer
+from codexnet.proxy.service import ProxyService
+from tests.fakes.codex_env import require_codex, write_codex_home
+from tests.fakes.responses_api import FakeResponsesAPI
+from tests.fakes.telegram_api import FakeTelegram
+
+BOT_TOKEN = "123456789:TEST-bot-token-abcdefghijklmnopqrstuvwxyz"
+PROXY_TOKEN = "proxy1-secret-token-0123456789"
+USER = 1001
+STRANGER = 2002
+
+
+def manager_config(base_url: str, state_dir: Path, **changes: object) -> ManagerConfig:
+    config = ManagerConfig(
+        source="test",
+        telegram_bot_token=BOT_TOKEN,
+        telegram_api_base=base_url,
+        telegram_allowed_user_ids=frozenset({USER}),
+        manager_ws_listen=("127.0.0.1", 0),
+        default_proxy=None,
+        proxies={"proxy1": ProxyEntry(PROXY_TOKEN, ("linux",)),
+                 "proxy2": ProxyEntry("proxy2-secret-token-9876543210")},
+        state_dir=state_dir,
+        task_timeout_s=120.0,
+        telegram_poll_timeout_s=10,
+    )
+    return attrs.evolve(config, **changes)
+
+
+def proxy_config(hub_port: int, workdir: Path, **changes: object) -> ProxyConfig:
+    config = ProxyConfig(
+        source="test",
+        manager_ws=f"ws://127.0.0.1:{hub_port}",
+        proxy_id="proxy1",
+        proxy_token=PROXY_TOKEN,
+        codex_cwd=workdir,
+        codex_bin=require_codex(),
+        approval_policy="never",
+        sandbox="read-only",
+        capacity=2,
+        labels=("linux",),
+        http_proxy=None,
+        https_proxy=None,
+        no_proxy=None,
+    )
+    return attrs.evolve(config, **changes)
+
+
+@attrs.define
+class Stack:
+    tmp: Path
+    model: FakeResponsesAPI
+    telegram: FakeTelegram
+    nursery: trio.Nursery
+    codex_env: dict[str, str] = attrs.Factory(dict)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.tmp / "state"
+
+    @asynccontextmanager
+    async def manager(self, **changes: object) -> AsyncIterator[Hub]:
+        """Run the manager until the block ends (a restart is two blocks)."""
+        config = manager_config(self.telegram.base_url, self.state_dir, **changes)
+        async with trio.open_nursery() as nursery:
+            hub: Hub = await nursery.start(run_manager, config)
+            try:
+                yield hub
+            finally:
+                nursery.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def proxy(self, hub: Hub, **changes: object) -> AsyncIterator[ProxyService]:
+        workdir = self.tmp / "work"
+        workdir.mkdir(exist_ok=True)
+        config = proxy_config(hub.port, workdir, **changes)
+        service = ProxyService(config, AppServer(config, env=self.codex_env))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run)
+            with trio.fail_after(60):
+                await hub.wait_online(config.proxy_id)
+            try:
+                yield service
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_stack(tmp: Path) -> AsyncIterator[Stack]:
+    require_codex()
+    model = FakeResponsesAPI()
+    telegram = FakeTelegram(BOT_TOKEN)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(model.serve)
+        await nursery.start(telegram.serve)
+        stack = Stack(tmp, model, telegram, nursery)
+        stack.codex_env = write_codex_home(tmp / "codex-home", model.base_url)
+        try:
+            yield stack
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,118 @@
+"""End to end: fake Telegram over HTTP → manager → proxy → real codex → fake model.
+
+Each test asserts what the person sees in the chat. Real processes and
+sockets, so the real clock, with deadlines instead of sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.fakes.responses_api import long_text
+from tests.fakes.stack import STRANGER, USER, Stack, open_stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with open_stack(tmp_path) as stack:
+        yield stack
+
+
+def texts(stack: Stack, chat_id: int = USER) -> list[str]:
+    return [m.text or "" for m in stack.telegram.messages(chat_id)]
+
+
+async def say(stack: Stack, text: str, *, expect: str, chat_id: int = USER) -> list[str]:
+    """Write `text` as the user and wait until a bot message contains `expect`."""
+    before = len(texts(stack, chat_id))
+    stack.telegram.push_message(chat_id, text)
+    with trio.fail_after(60):
+        await stack.telegram.wait_until(
+            lambda: any(expect in t for t in texts(stack, chat_id)[before:])
+        )
+    return texts(stack, chat_id)[before:]
+
+
+async def test_hello_is_answered_and_the_next_message_continues_the_thread(
+    stack: Stack,
+) -> None:
+    async with stack.manager() as hub, stack.proxy(hub):
+        new = await say(stack, "hello", expect="Echo: hello")
+        assert new[-1] == "Echo: hello (turn 1)"
+        new = await say(stack, "and again", expect="Echo: and again")
+        assert new[-1] == "Echo: and again (turn 2)"  # Codex saw the first turn
+    # The bot registered its commands and showed "typing" while working.
+    assert {c["command"] for c in stack.telegram.commands} >= {"use", "reset", "status"}
+    assert stack.telegram.chat_actions(USER)
+    assert stack.telegram.stats.too_many_requests == 0
+
+
+async def test_a_stranger_is_refused_and_nothing_is_dispatched(stack: Stack) -> None:
+    stack.telegram.add_chat(STRANGER)
+    async with stack.manager() as hub, stack.proxy(hub):
+        new = await say(stack, "rm -rf /", expect="not allowed", chat_id=STRANGER)
+        assert new == [f"Sorry, you are not allowed to use this bot (your user id: {STRANGER})."]
+    assert stack.model.requests == []
+
+
+async def test_use_status_and_reset(stack: Stack) -> None:
+    async with stack.manager() as hub, stack.proxy(hub):
+        new = await say(stack, "/use nowhere", expect="Unknown proxy")
+        assert new == ["Unknown proxy 'nowhere'. Known: proxy1, proxy2."]
+        new = await say(stack, "/use proxy1", expect="now uses")
+        assert new == ["This chat now uses proxy1 (online)."]
+        await say(stack, "first", expect="Echo: first (turn 1)")
+        await say(stack, "second", expect="Echo: second (turn 2)")
+        [status] = await say(stack, "/status", expect="This chat uses")
+        assert "🟢 proxy1: online, 0/2 running, labels: linux, codexnet" in status
+        assert "⚪ proxy2: offline" in status
+        assert "This chat uses proxy1 (chosen for this chat)." in status
+        await say(stack, "/reset", expect="new conversation")
+        await say(stack, "third", expect="Echo: third (turn 1)")  # a fresh Codex thread
+
+
+async def test_a_restarted_manager_continues_the_thread_and_never_reruns_old_messages(
+    stack: Stack,
+) -> None:
+    async with stack.manager() as hub, stack.proxy(hub):
+        await say(stack, "remember me", expect="Echo: remember me (turn 1)")
+    asked = len(stack.model.requests)
+    # Both come back (the proxy too: a thread is loaded in one app-server only).
+    async with stack.manager() as hub, stack.proxy(hub):
+        await say(stack, "still there?", expect="Echo: still there? (turn 2)")
+    assert len(stack.model.requests) == asked + 1  # "remember me" did not run again
+    assert (stack.state_dir / "sessions.json").exists()
+    assert (stack.state_dir / "offset.json").exists()
+
+
+async def test_a_long_answer_arrives_whole_in_messages_of_at_most_4096(stack: Stack) -> None:
+    async with stack.manager() as hub, stack.proxy(hub):
+        stack.telegram.push_message(USER, "[[long:10000]]")
+        with trio.fail_after(60):
+            await stack.telegram.wait_until(
+                lambda: sum(len(t) for t in texts(stack)) >= 9900
+            )
+    parts = texts(stack)
+    assert len(parts) >= 3
+    assert all(len(p) <= 4096 for p in parts)
+    # Nothing lost or reordered: only whitespace at the cuts may differ.
+    assert " ".join(parts).split() == long_text(10000).split()
+    assert stack.telegram.stats.too_many_requests == 0
+
+
+async def test_a_model_failure_is_one_clear_line(stack: Stack) -> None:
+    async with stack.manager() as hub, stack.proxy(hub):
+        [line] = await say(stack, "[[http400]]", expect="Codex failed")
+    assert line.startswith("⚠️ Codex failed:")
+
+
+async def test_no_proxy_online_is_explained(stack: Stack) -> None:
+    async with stack.manager():
+        [line] = await say(stack, "hello", expect="No proxy is online")
+    assert line == "No proxy is online right now. Start one, then try again."
