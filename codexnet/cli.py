@@ -16,6 +16,14 @@ EXIT_CONFIG = 2
 EXIT_REFUSED = 3
 
 
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 async def run_until_signal(main: Callable[[], Awaitable[object]]) -> None:
     """Run `main` until it returns or SIGTERM/SIGINT arrives, then cancel it.
 

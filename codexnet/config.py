@@ -56,6 +56,7 @@ class ManagerConfig:
     state_dir: Path
     task_timeout_s: float
     telegram_poll_timeout_s: int
+    proxy_wait_s: float
 
 
 @attrs.frozen
@@ -159,6 +160,11 @@ class _Reader:
     def positive_number(self, key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise self.error(key, "expected a positive number")
+        return float(value)
+
+    def non_negative_number(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(key, "expected a number of at least 0")
         return float(value)
 
     def strings(self, key: str, value: Any) -> tuple[str, ...]:
@@ -274,6 +280,7 @@ def load_manager_config(
         state_dir=Path(r.get("state_dir", r.string, "state")),
         task_timeout_s=r.get("task_timeout_s", r.positive_number, 1800.0),
         telegram_poll_timeout_s=r.get("telegram_poll_timeout_s", r.integer, 50),
+        proxy_wait_s=r.get("proxy_wait_s", r.non_negative_number, 20.0),
     )
     if not 0 <= config.telegram_poll_timeout_s <= 50:
         raise r.error("telegram_poll_timeout_s", "expected 0..50 (Telegram caps it at 50)")

@@ -35,11 +35,11 @@ async def connect_websocket(
     port = parts.port or (443 if secure else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     with trio.fail_after(connect_timeout):
-        stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port)
+        tcp = await trio.open_tcp_stream(parts.hostname, port)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
         if secure:
             stream = trio.SSLStream(
-                stream, ssl_context or ssl.create_default_context(),
-                server_hostname=parts.hostname,
+                tcp, ssl_context or ssl.create_default_context(), server_hostname=parts.hostname
             )
     try:
         async with trio.open_nursery() as nursery:

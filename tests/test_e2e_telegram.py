@@ -113,6 +113,20 @@ async def test_a_model_failure_is_one_clear_line(stack: Stack) -> None:
 
 
 async def test_no_proxy_online_is_explained(stack: Stack) -> None:
-    async with stack.manager():
+    async with stack.manager(proxy_wait_s=0.5):
         [line] = await say(stack, "hello", expect="No proxy is online")
-    assert line == "No proxy is online right now. Start one, then try again."
+        assert line == "No proxy is online right now. Start one, then try again."
+        await say(stack, "/use proxy2", expect="now uses")
+        [line] = await say(stack, "hello", expect="offline")
+        assert line == "⚠️ proxy proxy2 is offline"
+
+
+async def test_a_message_sent_while_the_proxy_connects_waits_for_it(stack: Stack) -> None:
+    async with stack.manager() as hub:
+        stack.telegram.push_message(USER, "early bird")
+        async with stack.proxy(hub):
+            with trio.fail_after(60):
+                await stack.telegram.wait_until(
+                    lambda: "Echo: early bird (turn 1)" in texts(stack)
+                )
+    assert texts(stack) == ["Echo: early bird (turn 1)"]

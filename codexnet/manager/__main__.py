@@ -16,7 +16,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from codexnet.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, run_until_signal
+from codexnet.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, first_leaf, run_until_signal
 from codexnet.config import DEFAULT_MANAGER_CONFIG, ConfigError, load_manager_config, parse_listen
 from codexnet.logs import setup_logging
 from codexnet.manager.hub import Hub, TaskFailed
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(run_until_signal, lambda: run_manager(config))
     except* TelegramFatal as group:
-        fatal.extend(group.exceptions)
+        fatal.append(first_leaf(group))
     if fatal:
         log.error("Telegram refused the bot: %s", fatal[0])
         return EXIT_FAILED

@@ -80,35 +80,62 @@ class Conversations:
             log.exception("prompt for chat %s failed", chat_id)
             await self._replies.send_text(chat_id, "⚠️ Internal error; see the manager's log.")
 
-    async def _run(self, chat_id: int, text: str) -> None:
+    async def _route(self, chat_id: int) -> str | None:
+        """The proxy for this chat's next prompt, waiting briefly for one to connect.
+
+        Right after a manager restart the proxies need a second or two to come
+        back; a message arriving then should wait for them, not be refused.
+        """
         session = self._store.chat(chat_id)
+        with trio.move_on_after(self._config.proxy_wait_s):
+            while True:
+                route = choose_proxy(
+                    session.proxy,
+                    self._config.default_proxy,
+                    self._hub.online,
+                    self._hub.known(),
+                )
+                if route.proxy_id is not None:
+                    await self._hub.wait_online(route.proxy_id)
+                    return route.proxy_id
+                if self._hub.online:
+                    break  # several online, none chosen: waiting will not help
+                await self._hub.wait_online()
         route = choose_proxy(
             session.proxy, self._config.default_proxy, self._hub.online, self._hub.known()
         )
         if route.proxy_id is None:
             await self._replies.send_text(chat_id, route.why)
+        return route.proxy_id
+
+    async def _run(self, chat_id: int, text: str) -> None:
+        session = self._store.chat(chat_id)
+        proxy_id = await self._route(chat_id)
+        if proxy_id is None:
             return
-        proxy_id = route.proxy_id
         thread_id = None if session.reset else session.threads.get(proxy_id)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_typing, chat_id)
-                try:
-                    result = await self._hub.run_task(
-                        proxy_id,
-                        text,
-                        chat_id=chat_id,
-                        thread_id=thread_id,
-                        timeout_s=self._config.task_timeout_s,
-                        on_approval=self._on_approval,
-                        on_handle=lambda handle: self.running.__setitem__(chat_id, handle),
-                    )
-                finally:
-                    self.running.pop(chat_id, None)
-                    nursery.cancel_scope.cancel()
-        except TaskFailed as exc:
-            await self._replies.send_text(chat_id, f"⚠️ {exc}")
+        outcome: TaskResult | TaskFailed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_typing, chat_id)
+            try:
+                outcome = await self._hub.run_task(
+                    proxy_id,
+                    text,
+                    chat_id=chat_id,
+                    thread_id=thread_id,
+                    timeout_s=self._config.task_timeout_s,
+                    on_approval=self._on_approval,
+                    on_handle=lambda handle: self.running.__setitem__(chat_id, handle),
+                )
+            except TaskFailed as exc:  # caught here: out of the nursery it would be a group
+                outcome = exc
+            finally:
+                self.running.pop(chat_id, None)
+                nursery.cancel_scope.cancel()
+        if isinstance(outcome, TaskFailed):
+            await self._replies.send_text(chat_id, f"⚠️ {outcome}")
             return
+        result = outcome
         if result.thread_id:
             session.threads[proxy_id] = result.thread_id
             session.reset = False

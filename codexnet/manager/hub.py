@@ -146,10 +146,14 @@ class Hub:
         entry = self._proxies.get(proxy_id)
         return entry.labels if entry else ()
 
-    async def wait_online(self, proxy_id: str) -> ProxyConn:
-        while proxy_id not in self.online:
+    async def wait_online(self, proxy_id: str | None = None) -> ProxyConn:
+        """Wait until `proxy_id` (or, with None, any proxy) is online."""
+        while True:
+            if proxy_id is None and self.online:
+                return next(iter(self.online.values()))
+            if proxy_id is not None and proxy_id in self.online:
+                return self.online[proxy_id]
             await self._online_changed.wait()
-        return self.online[proxy_id]
 
     def _notify_online_changed(self) -> None:
         self._online_changed.set()

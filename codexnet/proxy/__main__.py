@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from codexnet.cli import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, run_until_signal
+from codexnet.cli import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, first_leaf, run_until_signal
 from codexnet.config import DEFAULT_PROXY_CONFIG, ConfigError, load_proxy_config
 from codexnet.logs import setup_logging
 from codexnet.proxy.appserver import AppServer
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(run_until_signal, service.run)
     except* ProxyRefused as group:
-        refused.extend(group.exceptions)
+        refused.append(first_leaf(group))
     if refused:
         log.error("%s", refused[0])
         return EXIT_REFUSED

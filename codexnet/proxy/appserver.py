@@ -26,6 +26,7 @@ import attrs
 import trio
 
 import codexnet
+from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
 from codexnet.proxy.jsonrpc import JsonRpcPeer, PeerClosed, RpcError, ServerRequest
 from codexnet.proxy.progress import describe_item
@@ -220,8 +221,8 @@ class AppServer:
             self._last_error = f"app-server exited with code {code}"
             log.error("%s", self._last_error)
         except* OSError as group:
-            exc = group.exceptions[0]
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            error = first_leaf(group)
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             self._last_error = f"cannot start {self._config.codex_bin!r}: {reason}"
             log.error("%s", self._last_error)
         return initialized

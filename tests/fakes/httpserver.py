@@ -112,8 +112,16 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 conn.send(h11.Response(status_code=response.status, headers=headers))
                 or b""
             )
-            async for chunk in response.body:
-                await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+            body = response.body
+            try:
+                async for chunk in body:
+                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+            finally:
+                # Close an abandoned generator now (client gone, cancelled), not at GC time.
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    with trio.move_on_after(5, shield=True):
+                        await aclose()
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return

@@ -41,6 +41,7 @@ def manager_config(base_url: str, state_dir: Path, **changes: object) -> Manager
         state_dir=state_dir,
         task_timeout_s=120.0,
         telegram_poll_timeout_s=10,
+        proxy_wait_s=20.0,
     )
     return attrs.evolve(config, **changes)
 
