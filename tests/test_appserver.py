@@ -22,9 +22,18 @@ FAKE = Path(__file__).parent / "fakes" / "fake_appserver.py"
 
 def proxy_config(tmp_path: Path, codex_bin: str) -> ProxyConfig:
     return ProxyConfig(
-        source="test", manager_ws="ws://127.0.0.1:1", proxy_id="p", proxy_token="t",
-        codex_cwd=tmp_path, codex_bin=codex_bin, approval_policy="never",
-        sandbox="read-only", capacity=2, labels=(), http_proxy=None, https_proxy=None,
+        source="test",
+        manager_ws="ws://127.0.0.1:1",
+        proxy_id="p",
+        proxy_token="t",
+        codex_cwd=tmp_path,
+        codex_bin=codex_bin,
+        approval_policy="never",
+        sandbox="read-only",
+        capacity=2,
+        labels=(),
+        http_proxy=None,
+        https_proxy=None,
         no_proxy=None,
     )
 
@@ -56,9 +65,12 @@ async def run(app: AppServer, prompt: str, thread_id: str | None = None, **kw: o
     turns: list[Turn] = []
     with trio.fail_after(30):
         return await app.run_turn(
-            thread_id, prompt, on_change=lambda: None,
+            thread_id,
+            prompt,
+            on_change=lambda: None,
             on_approval=kw.get("on_approval", never_asked),  # type: ignore[arg-type]
-            on_turn=turns.append, cancel=kw.get("cancel", trio.Event()),  # type: ignore[arg-type]
+            on_turn=turns.append,
+            cancel=kw.get("cancel", trio.Event()),  # type: ignore[arg-type]
         )
 
 
@@ -115,8 +127,12 @@ async def test_cancel_interrupts_the_turn(app: AppServer, nursery: trio.Nursery)
     nursery.start_soon(cancel_when_working)
     with trio.fail_after(30):
         outcome = await app.run_turn(
-            None, "hang", on_change=changed.set, on_approval=never_asked,
-            on_turn=turns.append, cancel=cancel,
+            None,
+            "hang",
+            on_change=changed.set,
+            on_approval=never_asked,
+            on_turn=turns.append,
+            cancel=cancel,
         )
     assert outcome.status == "interrupted"
     assert outcome.text == "working"

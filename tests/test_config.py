@@ -80,30 +80,42 @@ def test_default_path_is_codex_config_json(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('{"proxies": {"proxy1": {"token": 5}}, "telegram_bot_token": "1:x"}',
-         "c.jsonc: proxies.proxy1.token: expected a string"),
-        ('{"proxies": {"proxy1": {}}, "telegram_bot_token": "1:x"}',
-         "c.jsonc: proxies.proxy1.token: required"),
-        ('{"proxies": {"proxy1": {"token": "t", "colour": 1}}, "telegram_bot_token": "1:x"}',
-         "c.jsonc: proxies.proxy1.colour: unknown key"),
+        (
+            '{"proxies": {"proxy1": {"token": 5}}, "telegram_bot_token": "1:x"}',
+            "c.jsonc: proxies.proxy1.token: expected a string",
+        ),
+        (
+            '{"proxies": {"proxy1": {}}, "telegram_bot_token": "1:x"}',
+            "c.jsonc: proxies.proxy1.token: required",
+        ),
+        (
+            '{"proxies": {"proxy1": {"token": "t", "colour": 1}}, "telegram_bot_token": "1:x"}',
+            "c.jsonc: proxies.proxy1.colour: unknown key",
+        ),
         ('{"proxies": [], "telegram_bot_token": "1:x"}', "c.jsonc: proxies: expected an object"),
         ('{"telegram_bot_token": 12}', "c.jsonc: telegram_bot_token: expected a string"),
         ("{}", "c.jsonc: telegram_bot_token: required (or set TELEGRAM_BOT_TOKEN)"),
-        ('{"telegram_bot_token": "1:x", "telegram_allowed_user_ids": ["a"]}',
-         "c.jsonc: telegram_allowed_user_ids: expected a list of integer user ids"),
-        ('{"telegram_bot_token": "1:x", "manager_ws_listen": "nope"}',
-         "c.jsonc: manager_ws_listen: expected HOST:PORT, got 'nope'"),
-        ('{"telegram_bot_token": "1:x", "default_proxy": "ghost"}',
-         "c.jsonc: default_proxy: 'ghost' is not listed under proxies"),
-        ('{"telegram_bot_token": "1:x", "telegram_api_base": "ftp://x"}',
-         "c.jsonc: telegram_api_base: expected an http:// or https:// URL"),
+        (
+            '{"telegram_bot_token": "1:x", "telegram_allowed_user_ids": ["a"]}',
+            "c.jsonc: telegram_allowed_user_ids: expected a list of integer user ids",
+        ),
+        (
+            '{"telegram_bot_token": "1:x", "manager_ws_listen": "nope"}',
+            "c.jsonc: manager_ws_listen: expected HOST:PORT, got 'nope'",
+        ),
+        (
+            '{"telegram_bot_token": "1:x", "default_proxy": "ghost"}',
+            "c.jsonc: default_proxy: 'ghost' is not listed under proxies",
+        ),
+        (
+            '{"telegram_bot_token": "1:x", "telegram_api_base": "ftp://x"}',
+            "c.jsonc: telegram_api_base: expected an http:// or https:// URL",
+        ),
         ('{"telegram_bot_token": "1:x", "tokne": 1}', "c.jsonc: tokne: unknown key"),
         ("[1, 2]", "c.jsonc: expected an object at the top level"),
     ],
 )
-def test_manager_config_errors_name_file_and_key(
-    tmp_path: Path, text: str, message: str
-) -> None:
+def test_manager_config_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_manager_config(write(tmp_path, text), env={})
     assert str(info.value).replace(str(tmp_path) + "/", "") == message
@@ -133,7 +145,7 @@ def test_ws_only_needs_no_token(tmp_path: Path) -> None:
 def proxy_text(tmp_path: Path, **extra: object) -> str:
     import json
 
-    data = {
+    data: dict[str, object] = {
         "manager_ws": "ws://127.0.0.1:8765",
         "proxy_id": "proxy1",
         "proxy_token": "secret-one",

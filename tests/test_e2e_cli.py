@@ -43,29 +43,35 @@ def write_json(path: Path, data: object) -> Path:
 
 
 def manager_config(tmp: Path, port: int, api_base: str = "http://127.0.0.1:9") -> Path:
-    return write_json(tmp / "codex_config.json", {
-        "telegram_bot_token": BOT_TOKEN,
-        "telegram_api_base": api_base,
-        "telegram_allowed_user_ids": [USER],
-        "manager_ws_listen": f"127.0.0.1:{port}",
-        "proxies": {"proxy1": {"token": PROXY_TOKEN}, "proxy2": {"token": PROXY2_TOKEN}},
-        "state_dir": str(tmp / "state"),
-        "telegram_poll_timeout_s": 5,
-    })
+    return write_json(
+        tmp / "codex_config.json",
+        {
+            "telegram_bot_token": BOT_TOKEN,
+            "telegram_api_base": api_base,
+            "telegram_allowed_user_ids": [USER],
+            "manager_ws_listen": f"127.0.0.1:{port}",
+            "proxies": {"proxy1": {"token": PROXY_TOKEN}, "proxy2": {"token": PROXY2_TOKEN}},
+            "state_dir": str(tmp / "state"),
+            "telegram_poll_timeout_s": 5,
+        },
+    )
 
 
 def proxy_config(tmp: Path, port: int, token: str = PROXY_TOKEN) -> Path:
     work = tmp / "work"
     work.mkdir(exist_ok=True)
-    return write_json(tmp / "proxy_config.json", {
-        "manager_ws": f"ws://127.0.0.1:{port}",
-        "proxy_id": "proxy1",
-        "proxy_token": token,
-        "codex_cwd": str(work),
-        "codex_bin": require_codex(),
-        "approval_policy": "never",
-        "sandbox": "read-only",
-    })
+    return write_json(
+        tmp / "proxy_config.json",
+        {
+            "manager_ws": f"ws://127.0.0.1:{port}",
+            "proxy_id": "proxy1",
+            "proxy_token": token,
+            "codex_cwd": str(work),
+            "codex_bin": require_codex(),
+            "approval_policy": "never",
+            "sandbox": "read-only",
+        },
+    )
 
 
 def python(module: str, *args: str) -> list[str]:
@@ -77,8 +83,9 @@ async def codex_env(tmp_path: Path, model: FakeResponsesAPI) -> dict[str, str]:
     return write_codex_home(tmp_path / "codex-home", model.base_url)
 
 
-async def start(nursery: trio.Nursery, command: list[str], env: dict[str, str] | None,
-                log: Path) -> trio.Process:
+async def start(
+    nursery: trio.Nursery, command: list[str], env: dict[str, str] | None, log: Path
+) -> trio.Process:
     out = log.open("wb")
     process = await trio.lowlevel.open_process(
         command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent
@@ -99,20 +106,40 @@ async def processes() -> AsyncIterator[list[trio.Process]]:
 
 
 async def test_one_shot_cli_prints_the_answer(
-    tmp_path: Path, codex_env: dict[str, str], nursery: trio.Nursery,
+    tmp_path: Path,
+    codex_env: dict[str, str],
+    nursery: trio.Nursery,
     processes: list[trio.Process],
 ) -> None:
     port = free_port()
     config = manager_config(tmp_path, port)
-    processes.append(await start(nursery, python("codexnet.proxy", "--config",
-                                                 str(proxy_config(tmp_path, port))),
-                                 codex_env, tmp_path / "proxy.log"))
+    processes.append(
+        await start(
+            nursery,
+            python("codexnet.proxy", "--config", str(proxy_config(tmp_path, port))),
+            codex_env,
+            tmp_path / "proxy.log",
+        )
+    )
     with trio.fail_after(90):
         result = await trio.run_process(
-            python("codexnet.manager", "--config", str(config), "--ws-only", "--ws-listen",
-                   f"127.0.0.1:{port}", "--dispatch-proxy", "proxy1", "--prompt", "ping",
-                   "--timeout", "60"),
-            capture_stdout=True, capture_stderr=True, check=False,
+            python(
+                "codexnet.manager",
+                "--config",
+                str(config),
+                "--ws-only",
+                "--ws-listen",
+                f"127.0.0.1:{port}",
+                "--dispatch-proxy",
+                "proxy1",
+                "--prompt",
+                "ping",
+                "--timeout",
+                "60",
+            ),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == "Echo: ping (turn 1)"
@@ -123,10 +150,23 @@ async def test_one_shot_cli_times_out_with_one_clear_line(tmp_path: Path) -> Non
     config = manager_config(tmp_path, port)
     with trio.fail_after(30):
         result = await trio.run_process(
-            python("codexnet.manager", "--config", str(config), "--ws-only", "--ws-listen",
-                   f"127.0.0.1:{port}", "--dispatch-proxy", "proxy1", "--prompt", "ping",
-                   "--timeout", "2"),
-            capture_stdout=True, capture_stderr=True, check=False,
+            python(
+                "codexnet.manager",
+                "--config",
+                str(config),
+                "--ws-only",
+                "--ws-listen",
+                f"127.0.0.1:{port}",
+                "--dispatch-proxy",
+                "proxy1",
+                "--prompt",
+                "ping",
+                "--timeout",
+                "2",
+            ),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     assert result.returncode == 1
     last = result.stderr.decode().strip().splitlines()[-1]
@@ -134,18 +174,29 @@ async def test_one_shot_cli_times_out_with_one_clear_line(tmp_path: Path) -> Non
 
 
 async def test_a_proxy_with_a_wrong_token_is_refused(
-    tmp_path: Path, codex_env: dict[str, str], nursery: trio.Nursery,
+    tmp_path: Path,
+    codex_env: dict[str, str],
+    nursery: trio.Nursery,
     processes: list[trio.Process],
 ) -> None:
     port = free_port()
     config = manager_config(tmp_path, port)
-    processes.append(await start(nursery, python("codexnet.manager", "--config", str(config),
-                                                 "--ws-only"), None, tmp_path / "manager.log"))
+    processes.append(
+        await start(
+            nursery,
+            python("codexnet.manager", "--config", str(config), "--ws-only"),
+            None,
+            tmp_path / "manager.log",
+        )
+    )
     bad = proxy_config(tmp_path, port, token="this-is-not-the-token")
     with trio.fail_after(60):
         result = await trio.run_process(
             python("codexnet.proxy", "--config", str(bad)),
-            capture_stdout=True, capture_stderr=True, check=False, env=codex_env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=codex_env,
         )
     output = result.stderr.decode()
     assert result.returncode == 3, output
@@ -160,37 +211,57 @@ async def test_a_proxy_with_a_wrong_token_is_refused(
 @pytest.mark.parametrize(
     ("module", "data", "message"),
     [
-        ("codexnet.manager", {"telegram_bot_token": BOT_TOKEN, "proxies": {"p": {"token": 1}}},
-         "c.json: proxies.p.token: expected a string"),
-        ("codexnet.proxy", {"manager_ws": "ws://x:1", "proxy_id": "p"},
-         "c.json: proxy_token: required"),
+        (
+            "codexnet.manager",
+            {"telegram_bot_token": BOT_TOKEN, "proxies": {"p": {"token": 1}}},
+            "c.json: proxies.p.token: expected a string",
+        ),
+        (
+            "codexnet.proxy",
+            {"manager_ws": "ws://x:1", "proxy_id": "p"},
+            "c.json: proxy_token: required",
+        ),
     ],
 )
 async def test_check_config_names_file_and_key(
     tmp_path: Path, module: str, data: object, message: str
 ) -> None:
     path = write_json(tmp_path / "c.json", data)
-    result = await trio.run_process(python(module, "--config", str(path), "--check-config"),
-                                    capture_stdout=True, capture_stderr=True, check=False)
+    result = await trio.run_process(
+        python(module, "--config", str(path), "--check-config"),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert result.returncode == 2
     assert message in result.stderr.decode()
     assert BOT_TOKEN not in result.stderr.decode()
 
 
 async def test_both_services_answer_log_no_token_and_stop_on_sigterm(
-    tmp_path: Path, codex_env: dict[str, str], nursery: trio.Nursery,
+    tmp_path: Path,
+    codex_env: dict[str, str],
+    nursery: trio.Nursery,
     processes: list[trio.Process],
 ) -> None:
     telegram = FakeTelegram(BOT_TOKEN)
     await nursery.start(telegram.serve)
     port = free_port()
     config = manager_config(tmp_path, port, telegram.base_url)
-    manager = await start(nursery, python("codexnet.manager", "--config", str(config),
-                                           "--log-level", "DEBUG"),
-                          None, tmp_path / "manager.log")
-    proxy = await start(nursery, python("codexnet.proxy", "--config",
-                                        str(proxy_config(tmp_path, port)), "--log-level",
-                                        "DEBUG"), codex_env, tmp_path / "proxy.log")
+    manager = await start(
+        nursery,
+        python("codexnet.manager", "--config", str(config), "--log-level", "DEBUG"),
+        None,
+        tmp_path / "manager.log",
+    )
+    proxy = await start(
+        nursery,
+        python(
+            "codexnet.proxy", "--config", str(proxy_config(tmp_path, port)), "--log-level", "DEBUG"
+        ),
+        codex_env,
+        tmp_path / "proxy.log",
+    )
     processes.extend([manager, proxy])
     telegram.push_message(USER, "hello")
     # Sent at once: the manager waits a moment for a proxy that is still connecting.
@@ -210,9 +281,11 @@ async def test_both_services_answer_log_no_token_and_stop_on_sigterm(
     for token in (secret, PROXY_TOKEN, PROXY2_TOKEN):
         assert token not in logs
     # The codex child went away with its proxy.
-    assert not [p for p in os.listdir("/proc") if p.isdigit()
-                and _cmdline(p).startswith(require_codex())
-                and str(tmp_path) in _environ(p)]
+    assert not [
+        p
+        for p in os.listdir("/proc")
+        if p.isdigit() and _cmdline(p).startswith(require_codex()) and str(tmp_path) in _environ(p)
+    ]
 
 
 def _cmdline(pid: str) -> str:

@@ -95,9 +95,7 @@ async def test_a_long_answer_arrives_whole_in_messages_of_at_most_4096(stack: St
     async with stack.manager() as hub, stack.proxy(hub):
         stack.telegram.push_message(USER, "[[long:10000]]")
         with trio.fail_after(60):
-            await stack.telegram.wait_until(
-                lambda: sum(len(t) for t in texts(stack)) >= 9900
-            )
+            await stack.telegram.wait_until(lambda: sum(len(t) for t in texts(stack)) >= 9900)
     parts = texts(stack)
     assert len(parts) >= 3
     assert all(len(p) <= 4096 for p in parts)
@@ -126,7 +124,5 @@ async def test_a_message_sent_while_the_proxy_connects_waits_for_it(stack: Stack
         stack.telegram.push_message(USER, "early bird")
         async with stack.proxy(hub):
             with trio.fail_after(60):
-                await stack.telegram.wait_until(
-                    lambda: "Echo: early bird (turn 1)" in texts(stack)
-                )
+                await stack.telegram.wait_until(lambda: "Echo: early bird (turn 1)" in texts(stack))
     assert texts(stack) == ["Echo: early bird (turn 1)"]

@@ -29,15 +29,16 @@ PROXIES = {"p1": ProxyEntry("right-token-p1", ("gpu",)), "p2": ProxyEntry("right
 @pytest.fixture
 async def hub(nursery: trio.Nursery) -> Hub:
     hub = Hub(PROXIES)
-    hub.port = await nursery.start(hub.serve, "127.0.0.1", 0)  # type: ignore[attr-defined]
+    await nursery.start(hub.serve, "127.0.0.1", 0)
     return hub
 
 
-def make_proxy(tmp_path: Path, hub: Hub, proxy_id: str = "p1", token: str = "right-token-p1"
-               ) -> ProxyService:
+def make_proxy(
+    tmp_path: Path, hub: Hub, proxy_id: str = "p1", token: str = "right-token-p1"
+) -> ProxyService:
     config = attrs.evolve(
         proxy_config(tmp_path, fake_codex(tmp_path)),
-        manager_ws=f"ws://127.0.0.1:{hub.port}",  # type: ignore[attr-defined]
+        manager_ws=f"ws://127.0.0.1:{hub.port}",
         proxy_id=proxy_id,
         proxy_token=token,
     )
@@ -75,8 +76,11 @@ async def test_wrong_token_is_refused_and_logged_without_the_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     service = make_proxy(tmp_path, hub, token="wrong-token-xyz")
-    with trio.fail_after(20), pytest.RaisesGroup(
-        pytest.RaisesExc(ProxyRefused, match="wrong token"), flatten_subgroups=True
+    with (
+        trio.fail_after(20),
+        pytest.RaisesGroup(
+            pytest.RaisesExc(ProxyRefused, match="wrong token"), flatten_subgroups=True
+        ),
     ):
         await service.run()
     assert "p1" not in hub.online
@@ -87,27 +91,33 @@ async def test_wrong_token_is_refused_and_logged_without_the_token(
 
 async def test_unknown_proxy_is_refused(tmp_path: Path, hub: Hub) -> None:
     service = make_proxy(tmp_path, hub, proxy_id="intruder")
-    with trio.fail_after(20), pytest.RaisesGroup(
-        pytest.RaisesExc(ProxyRefused, match="unknown proxy id"), flatten_subgroups=True
+    with (
+        trio.fail_after(20),
+        pytest.RaisesGroup(
+            pytest.RaisesExc(ProxyRefused, match="unknown proxy id"), flatten_subgroups=True
+        ),
     ):
         await service.run()
 
 
 async def test_a_bad_frame_closes_that_connection_only(hub: Hub, proxy: ProxyService) -> None:
-    url = f"ws://127.0.0.1:{hub.port}"  # type: ignore[attr-defined]
+    url = f"ws://127.0.0.1:{hub.port}"
     for raw in ("not json", '{"type": "hello"}', '{"type": "task", "task_id": "x"}'):
         with trio.fail_after(10):
             async with connect_websocket(url) as ws:
                 await ws.send_message(raw)
                 with pytest.raises(ConnectionClosed) as info:
                     await ws.get_message()
+        assert info.value.reason is not None
         assert info.value.reason.code == CLOSE_BAD_FRAME
     # A wrong token from a raw client gets its own close code.
     async with connect_websocket(url) as ws:
-        await ws.send_message('{"type":"hello","proxy_id":"p2","token":"nope","protocol":1,'
-                              '"capacity":1}')
+        await ws.send_message(
+            '{"type":"hello","proxy_id":"p2","token":"nope","protocol":1,"capacity":1}'
+        )
         with pytest.raises(ConnectionClosed) as info:
             await ws.get_message()
+    assert info.value.reason is not None
     assert info.value.reason.code == CLOSE_UNAUTHORIZED
     # The hub and the good proxy are unaffected.
     with trio.fail_after(20):
@@ -115,8 +125,9 @@ async def test_a_bad_frame_closes_that_connection_only(hub: Hub, proxy: ProxySer
     assert result.text == "Echo: still here"
 
 
-async def test_a_dropped_socket_loses_no_result(hub: Hub, proxy: ProxyService,
-                                                nursery: trio.Nursery) -> None:
+async def test_a_dropped_socket_loses_no_result(
+    hub: Hub, proxy: ProxyService, nursery: trio.Nursery
+) -> None:
     handles: list[TaskHandle] = []
     got_handle = trio.Event()
     results = []

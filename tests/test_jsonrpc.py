@@ -66,16 +66,18 @@ async def test_requests_match_responses_and_server_ids_do_not_collide(
     assert first == {"id": 0, "method": "initialize", "params": {"x": "initialize"}}
     assert "jsonrpc" not in first  # codex's dialect omits it
     # The server's own request uses id 0 too: it must not resolve our request.
-    await server.write({"id": 0, "method": "item/commandExecution/requestApproval",
-                        "params": {"threadId": "t"}})
+    await server.write(
+        {"id": 0, "method": "item/commandExecution/requestApproval", "params": {"threadId": "t"}}
+    )
     await server.write({"method": "turn/started", "params": {"threadId": "t"}})
     await server.write(b"this is not json\n")
     await server.write({"id": 0, "result": {"userAgent": "x/1"}})
     with trio.fail_after(5):
         await answered.wait()
     assert results["initialize"] == {"userAgent": "x/1"}
-    assert requests == [ServerRequest(0, "item/commandExecution/requestApproval",
-                                      {"threadId": "t"})]
+    assert requests == [
+        ServerRequest(0, "item/commandExecution/requestApproval", {"threadId": "t"})
+    ]
     assert notes == [("turn/started", {"threadId": "t"})]
 
     await peer.respond(0, {"decision": "accept"})
@@ -90,8 +92,9 @@ async def test_error_response_raises_rpc_error(
 
     async def answer() -> None:
         request = await server.read()
-        await server.write({"id": request["id"],
-                            "error": {"code": -32600, "message": "thread not found: x"}})
+        await server.write(
+            {"id": request["id"], "error": {"code": -32600, "message": "thread not found: x"}}
+        )
 
     nursery.start_soon(answer)
     with pytest.raises(RpcError, match="thread/resume: thread not found: x") as info:
@@ -122,14 +125,22 @@ async def test_a_line_split_across_reads_is_reassembled(
 ) -> None:
     got = trio.Event()
     notes: list[Any] = []
+
+    def on_notification(method: str, params: dict[str, Any]) -> None:
+        notes.append((method, params))
+        got.set()
+
     peer = JsonRpcPeer(
-        server.to_server_send, server.to_client_recv,
-        on_notification=lambda m, p: (notes.append((m, p)), got.set()),
+        server.to_server_send,
+        server.to_client_recv,
+        on_notification=on_notification,
         on_request=lambda r: None,
     )
     nursery.start_soon(peer.run)
-    line = json.dumps({"method": "item/agentMessage/delta",
-                       "params": {"delta": "héllo 😀"}}).encode() + b"\n"
+    line = (
+        json.dumps({"method": "item/agentMessage/delta", "params": {"delta": "héllo 😀"}}).encode()
+        + b"\n"
+    )
     for i in range(len(line)):
         await server.write(line[i : i + 1])
     with trio.fail_after(5):

@@ -9,6 +9,7 @@ import pytest
 from codexnet.protocol import (
     ApprovalDecision,
     ApprovalRequest,
+    Frame,
     Hello,
     Load,
     ProtocolError,
@@ -24,7 +25,7 @@ from codexnet.protocol import (
     encode,
 )
 
-PROXY_FRAMES = [
+PROXY_FRAMES: list[Frame] = [
     Hello("proxy1", "tok", 1, 2, ["gpu"], "codexnet 0.1", ["t1"], ["t0"]),
     TaskAck("t1"),
     TaskEvent("t1", 3, "delta", "Hel"),
@@ -32,7 +33,7 @@ PROXY_FRAMES = [
     TaskResult("t1", "completed", "Hello", "thread-1", None, {"totalTokens": 15}),
     Load(1, 2),
 ]
-MANAGER_FRAMES = [
+MANAGER_FRAMES: list[Frame] = [
     Welcome(),
     Task("t1", 42, "hello", None, 60.0),
     Task("t2", 42, "again", "thread-1"),
@@ -54,8 +55,13 @@ def test_manager_frames_round_trip(frame: object) -> None:
 
 def test_frames_carry_type_tag_and_ids() -> None:
     data = json.loads(encode(TaskEvent("t9", 7, "progress", "thinking")))
-    assert data == {"type": "task_event", "task_id": "t9", "seq": 7, "kind": "progress",
-                    "text": "thinking"}
+    assert data == {
+        "type": "task_event",
+        "task_id": "t9",
+        "seq": 7,
+        "kind": "progress",
+        "text": "thinking",
+    }
 
 
 @pytest.mark.parametrize(
@@ -67,12 +73,18 @@ def test_frames_carry_type_tag_and_ids() -> None:
         ('{"type": "launch_missiles"}', "unknown frame type 'launch_missiles'"),
         ('{"type": "task_ack"}', "bad 'task_ack' frame: required field missing @ $.task_id"),
         ('{"type": "task_ack", "task_id": "x", "x": 1}', "extra fields found"),
-        ('{"type": "task_event", "task_id": "x", "seq": "one", "kind": "delta"}',
-         "bad 'task_event' frame"),
-        ('{"type": "task_result", "task_id": "x", "status": "exploded"}',
-         "bad 'task_result' frame"),
-        ('{"type": "task", "task_id": "x", "chat_id": 1, "prompt": "p"}',
-         "'task' is not a proxy frame"),
+        (
+            '{"type": "task_event", "task_id": "x", "seq": "one", "kind": "delta"}',
+            "bad 'task_event' frame",
+        ),
+        (
+            '{"type": "task_result", "task_id": "x", "status": "exploded"}',
+            "bad 'task_result' frame",
+        ),
+        (
+            '{"type": "task", "task_id": "x", "chat_id": 1, "prompt": "p"}',
+            "'task' is not a proxy frame",
+        ),
         (b"\x00binary", "binary frames are not part of the protocol"),
     ],
 )

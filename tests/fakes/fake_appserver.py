@@ -51,8 +51,15 @@ def main() -> None:
                 threads.add(params["threadId"])
                 send({"id": rid, "result": {"thread": {"id": params["threadId"]}}})
             else:
-                send({"id": rid, "error": {"code": -32600,
-                                           "message": f"thread not found: {params['threadId']}"}})
+                send(
+                    {
+                        "id": rid,
+                        "error": {
+                            "code": -32600,
+                            "message": f"thread not found: {params['threadId']}",
+                        },
+                    }
+                )
         elif method == "turn/start":
             run_turn(rid, params)
         elif method == "turn/interrupt":
@@ -70,50 +77,119 @@ def run_turn(rid: Any, params: dict[str, Any]) -> None:
     send({"method": "turn/started", "params": {"threadId": thread_id, "turn": {"id": turn_id}}})
 
     def say(text: str, status: str = "completed", error: Any = None) -> None:
-        send({"method": "item/started",
-              "params": {**base, "item": {"type": "agentMessage", "id": "msg1", "text": ""}}})
+        send(
+            {
+                "method": "item/started",
+                "params": {**base, "item": {"type": "agentMessage", "id": "msg1", "text": ""}},
+            }
+        )
         for piece in (text[: len(text) // 2], text[len(text) // 2 :]):
-            send({"method": "item/agentMessage/delta",
-                  "params": {**base, "itemId": "msg1", "delta": piece}})
-        send({"method": "item/completed",
-              "params": {**base, "item": {"type": "agentMessage", "id": "msg1", "text": text}}})
-        send({"method": "turn/completed", "params": {"threadId": thread_id, "turn": {
-            "id": turn_id, "status": status, "error": error}}})
+            send(
+                {
+                    "method": "item/agentMessage/delta",
+                    "params": {**base, "itemId": "msg1", "delta": piece},
+                }
+            )
+        send(
+            {
+                "method": "item/completed",
+                "params": {**base, "item": {"type": "agentMessage", "id": "msg1", "text": text}},
+            }
+        )
+        send(
+            {
+                "method": "turn/completed",
+                "params": {
+                    "threadId": thread_id,
+                    "turn": {"id": turn_id, "status": status, "error": error},
+                },
+            }
+        )
 
     if prompt == "crash":
-        send({"method": "item/agentMessage/delta",
-              "params": {**base, "itemId": "msg1", "delta": "about to"}})
+        send(
+            {
+                "method": "item/agentMessage/delta",
+                "params": {**base, "itemId": "msg1", "delta": "about to"},
+            }
+        )
         sys.exit(3)
     elif prompt == "approve":
-        send({"method": "item/started", "params": {**base, "item": {
-            "type": "commandExecution", "id": "call1", "command": "/bin/bash -lc 'touch x'",
-            "commandActions": [{"type": "unknown", "command": "touch x"}]}}})
-        send({"id": 0, "method": "item/commandExecution/requestApproval", "params": {
-            **base, "itemId": "call1", "command": "/bin/bash -lc 'touch x'", "cwd": "/w",
-            "commandActions": [{"type": "unknown", "command": "touch x"}]}})
+        send(
+            {
+                "method": "item/started",
+                "params": {
+                    **base,
+                    "item": {
+                        "type": "commandExecution",
+                        "id": "call1",
+                        "command": "/bin/bash -lc 'touch x'",
+                        "commandActions": [{"type": "unknown", "command": "touch x"}],
+                    },
+                },
+            }
+        )
+        send(
+            {
+                "id": 0,
+                "method": "item/commandExecution/requestApproval",
+                "params": {
+                    **base,
+                    "itemId": "call1",
+                    "command": "/bin/bash -lc 'touch x'",
+                    "cwd": "/w",
+                    "commandActions": [{"type": "unknown", "command": "touch x"}],
+                },
+            }
+        )
         answer = read()
-        assert answer is not None and answer.get("id") == 0, answer
+        assert answer is not None
+        assert answer.get("id") == 0, answer
         say(f"decision: {answer['result']['decision']}")
     elif prompt == "hang":
-        send({"method": "item/agentMessage/delta",
-              "params": {**base, "itemId": "msg1", "delta": "working"}})
+        send(
+            {
+                "method": "item/agentMessage/delta",
+                "params": {**base, "itemId": "msg1", "delta": "working"},
+            }
+        )
         while (message := read()) is not None:
             if message.get("method") == "turn/interrupt":
                 send({"id": message["id"], "result": {}})
-                send({"method": "turn/completed", "params": {"threadId": thread_id, "turn": {
-                    "id": turn_id, "status": "interrupted", "error": None}}})
+                send(
+                    {
+                        "method": "turn/completed",
+                        "params": {
+                            "threadId": thread_id,
+                            "turn": {"id": turn_id, "status": "interrupted", "error": None},
+                        },
+                    }
+                )
                 return
     elif prompt == "slow":
-        send({"method": "item/agentMessage/delta",
-              "params": {**base, "itemId": "msg1", "delta": "..."}})
+        send(
+            {
+                "method": "item/agentMessage/delta",
+                "params": {**base, "itemId": "msg1", "delta": "..."},
+            }
+        )
         time.sleep(1.5)
         say(f"Echo: {prompt}")
     elif prompt == "fail":
-        error = {"message": "We're currently experiencing high demand",
-                 "codexErrorInfo": "internalServerError"}
+        error = {
+            "message": "We're currently experiencing high demand",
+            "codexErrorInfo": "internalServerError",
+        }
         send({"method": "error", "params": {**base, "error": error, "willRetry": False}})
-        send({"method": "turn/completed", "params": {"threadId": thread_id, "turn": {
-            "id": turn_id, "status": "failed", "error": error}}})
+        send(
+            {
+                "method": "turn/completed",
+                "params": {
+                    "threadId": thread_id,
+                    "turn": {"id": turn_id, "status": "failed", "error": error},
+                },
+            }
+        )
     else:
         say(f"Echo: {prompt}")
 

@@ -102,15 +102,13 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
         if isinstance(response.body, bytes):
             headers.append((b"content-length", str(len(response.body)).encode()))
             await stream.send_all(
-                conn.send(h11.Response(status_code=response.status, headers=headers))
-                or b""
+                conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
             )
             await stream.send_all(conn.send(h11.Data(data=response.body)) or b"")
         else:
             headers.append((b"transfer-encoding", b"chunked"))
             await stream.send_all(
-                conn.send(h11.Response(status_code=response.status, headers=headers))
-                or b""
+                conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
             )
             body = response.body
             try:

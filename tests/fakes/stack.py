@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -28,7 +29,7 @@ USER = 1001
 STRANGER = 2002
 
 
-def manager_config(base_url: str, state_dir: Path, **changes: object) -> ManagerConfig:
+def manager_config(base_url: str, state_dir: Path, **changes: Any) -> ManagerConfig:
     config = ManagerConfig(
         source="test",
         telegram_bot_token=BOT_TOKEN,
@@ -36,8 +37,10 @@ def manager_config(base_url: str, state_dir: Path, **changes: object) -> Manager
         telegram_allowed_user_ids=frozenset({USER}),
         manager_ws_listen=("127.0.0.1", 0),
         default_proxy=None,
-        proxies={"proxy1": ProxyEntry(PROXY_TOKEN, ("linux",)),
-                 "proxy2": ProxyEntry("proxy2-secret-token-9876543210")},
+        proxies={
+            "proxy1": ProxyEntry(PROXY_TOKEN, ("linux",)),
+            "proxy2": ProxyEntry("proxy2-secret-token-9876543210"),
+        },
         state_dir=state_dir,
         task_timeout_s=120.0,
         telegram_poll_timeout_s=10,
@@ -46,7 +49,7 @@ def manager_config(base_url: str, state_dir: Path, **changes: object) -> Manager
     return attrs.evolve(config, **changes)
 
 
-def proxy_config(hub_port: int, workdir: Path, **changes: object) -> ProxyConfig:
+def proxy_config(hub_port: int, workdir: Path, **changes: Any) -> ProxyConfig:
     config = ProxyConfig(
         source="test",
         manager_ws=f"ws://127.0.0.1:{hub_port}",
@@ -78,7 +81,7 @@ class Stack:
         return self.tmp / "state"
 
     @asynccontextmanager
-    async def manager(self, **changes: object) -> AsyncIterator[Hub]:
+    async def manager(self, **changes: Any) -> AsyncIterator[Hub]:
         """Run the manager until the block ends (a restart is two blocks)."""
         config = manager_config(self.telegram.base_url, self.state_dir, **changes)
         async with trio.open_nursery() as nursery:
@@ -89,7 +92,7 @@ class Stack:
                 nursery.cancel_scope.cancel()
 
     @asynccontextmanager
-    async def proxy(self, hub: Hub, **changes: object) -> AsyncIterator[ProxyService]:
+    async def proxy(self, hub: Hub, **changes: Any) -> AsyncIterator[ProxyService]:
         workdir = self.tmp / "work"
         workdir.mkdir(exist_ok=True)
         config = proxy_config(hub.port, workdir, **changes)
