@@ -27,8 +27,9 @@ async def test_sessions_and_offset_survive_a_restart(tmp_path: Path) -> None:
     assert again.chat(42).reset is False
     assert again.offset == 1007
     data = json.loads((tmp_path / "sessions.json").read_text())
-    assert data == {"chats": {"42": {"proxy": "proxy1", "reset": False,
-                                     "threads": {"proxy1": "thread-a"}}}}
+    assert data == {
+        "chats": {"42": {"proxy": "proxy1", "reset": False, "threads": {"proxy1": "thread-a"}}}
+    }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
