@@ -57,6 +57,10 @@ class ManagerConfig:
     task_timeout_s: float
     telegram_poll_timeout_s: int
     proxy_wait_s: float
+    live_interval_private_s: float
+    live_interval_group_s: float
+    use_drafts: bool
+    approval_timeout_s: float
 
 
 @attrs.frozen
@@ -166,6 +170,11 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise self.error(key, "expected a number of at least 0")
         return float(value)
+
+    def boolean(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, "expected true or false")
+        return value
 
     def strings(self, key: str, value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -281,6 +290,10 @@ def load_manager_config(
         task_timeout_s=r.get("task_timeout_s", r.positive_number, 1800.0),
         telegram_poll_timeout_s=r.get("telegram_poll_timeout_s", r.integer, 50),
         proxy_wait_s=r.get("proxy_wait_s", r.non_negative_number, 20.0),
+        live_interval_private_s=r.get("live_interval_private_s", r.positive_number, 1.0),
+        live_interval_group_s=r.get("live_interval_group_s", r.positive_number, 3.0),
+        use_drafts=r.get("use_drafts", r.boolean, True),
+        approval_timeout_s=r.get("approval_timeout_s", r.positive_number, 600.0),
     )
     if not 0 <= config.telegram_poll_timeout_s <= 50:
         raise r.error("telegram_poll_timeout_s", "expected 0..50 (Telegram caps it at 50)")

@@ -6,6 +6,7 @@ sockets, so the real clock, with deadlines instead of sleeps.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,8 +25,18 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         yield stack
 
 
+STATUS = re.compile(r"^(⏳|✅ Done|⏹ Cancelled|⏱ Timed out|⚠️ Failed)( ·|\s|$)")
+
+
 def texts(stack: Stack, chat_id: int = USER) -> list[str]:
-    return [m.text or "" for m in stack.telegram.messages(chat_id)]
+    """What the chat shows from the bot, without the per-task status lines."""
+    return [
+        m.text or "" for m in stack.telegram.messages(chat_id) if not STATUS.match(m.text or "")
+    ]
+
+
+def statuses(stack: Stack, chat_id: int = USER) -> list[str]:
+    return [m.text or "" for m in stack.telegram.messages(chat_id) if STATUS.match(m.text or "")]
 
 
 async def say(stack: Stack, text: str, *, expect: str, chat_id: int = USER) -> list[str]:
@@ -108,6 +119,7 @@ async def test_a_model_failure_is_one_clear_line(stack: Stack) -> None:
     async with stack.manager() as hub, stack.proxy(hub):
         [line] = await say(stack, "[[http400]]", expect="Codex failed")
     assert line.startswith("⚠️ Codex failed:")
+    assert re.fullmatch(r"⚠️ Failed · proxy1 · 0:\d\d", statuses(stack)[-1])
 
 
 async def test_no_proxy_online_is_explained(stack: Stack) -> None:

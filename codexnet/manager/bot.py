@@ -28,6 +28,7 @@ POLL_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 CONFIRM_TIMEOUT_S: Final = 5.0
 ALLOWED_UPDATES: Final = ["message", "callback_query"]
 COMMANDS: Final = [
+    ("start", "What this bot does"),
     ("use", "Pick the machine for this chat: /use <proxy>"),
     ("reset", "Start a new Codex conversation"),
     ("cancel", "Stop the running task"),
@@ -124,7 +125,7 @@ class Bot:
             if "message" in update:
                 await self._on_message(update["message"])
             elif "callback_query" in update:
-                await self.conversations.on_callback(update["callback_query"])
+                await self._on_callback(update["callback_query"])
         except TelegramFatal:
             raise
         except Exception:
@@ -155,6 +156,18 @@ class Bot:
             await self._on_command(chat_id, text)
         else:
             self.conversations.submit(chat_id, text)
+
+    async def _on_callback(self, query: dict[str, Any]) -> None:
+        user = query.get("from")
+        if not self.allowed(user):
+            log.warning("refused a button press from user %s", (user or {}).get("id"))
+            await self._tg.call(
+                "answerCallbackQuery",
+                {"callback_query_id": query["id"], "text": "You are not allowed to do that."},
+                attempts=2,
+            )
+            return
+        await self.conversations.on_callback(query)
 
     async def _on_command(self, chat_id: int, text: str) -> None:
         head, _, rest = text.strip().partition(" ")

@@ -7,22 +7,32 @@ are refused with a clear message rather than queued without bound.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Final
 
 import trio
 
 from codexnet.config import ManagerConfig
+from codexnet.manager.approvals import Approvals
 from codexnet.manager.hub import Hub, TaskFailed, TaskHandle
+from codexnet.manager.liveview import LiveView
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import choose_proxy
 from codexnet.manager.state import StateStore
+from codexnet.manager.telegram import TelegramError
 from codexnet.protocol import ApprovalRequest, TaskResult
 
 log = logging.getLogger(__name__)
 
 MAX_WAITING_PER_CHAT: Final = 5
 TYPING_EVERY_S: Final = 4.0  # Telegram shows "typing" for ~5 s
+FINISH_LINES: Final = {
+    "completed": "✅ Done",
+    "interrupted": "⏹ Cancelled",
+    "timeout": "⏱ Timed out",
+    "failed": "⚠️ Failed",
+}
 
 
 def describe_result(result: TaskResult) -> str:
@@ -50,6 +60,11 @@ class Conversations:
         self._locks: dict[int, trio.StrictFIFOLock] = {}
         self._waiting: dict[int, int] = {}
         self.running: dict[int, TaskHandle] = {}  # chat → its running task
+        self._cancel_keys = (format(n, "x") for n in itertools.count(1))
+        self._cancel_keys_live: dict[str, int] = {}  # Cancel button data → chat
+        self._cancel_requested: set[int] = set()  # pressed before the task reached the proxy
+        self._no_drafts: set[int] = set()  # chats where Telegram refused sendMessageDraft
+        self._approvals = Approvals(replies.tg, hub.decide, timeout_s=config.approval_timeout_s)
         self.nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ prompts
@@ -114,8 +129,25 @@ class Conversations:
         if proxy_id is None:
             return
         thread_id = None if session.reset else session.threads.get(proxy_id)
+        private = chat_id > 0
+        cancel_key = f"c:{next(self._cancel_keys)}"
+        self._cancel_keys_live[cancel_key] = chat_id
+        view = LiveView(
+            self._replies.tg,
+            chat_id,
+            proxy_id,
+            interval=(
+                self._config.live_interval_private_s
+                if private
+                else self._config.live_interval_group_s
+            ),
+            use_draft=private and self._config.use_drafts and chat_id not in self._no_drafts,
+            cancel_data=cancel_key,
+            on_draft_refused=lambda: self._no_drafts.add(chat_id),
+        )
         outcome: TaskResult | TaskFailed
         async with trio.open_nursery() as nursery:
+            await nursery.start(view.run)
             nursery.start_soon(self._keep_typing, chat_id)
             try:
                 outcome = await self._hub.run_task(
@@ -124,15 +156,21 @@ class Conversations:
                     chat_id=chat_id,
                     thread_id=thread_id,
                     timeout_s=self._config.task_timeout_s,
+                    on_update=lambda handle: view.update(handle.text, handle.step),
                     on_approval=self._on_approval,
-                    on_handle=lambda handle: self.running.__setitem__(chat_id, handle),
+                    on_handle=lambda handle: self._track(chat_id, handle),
                 )
             except TaskFailed as exc:  # caught here: out of the nursery it would be a group
                 outcome = exc
             finally:
-                self.running.pop(chat_id, None)
+                handle = self.running.pop(chat_id, None)
+                self._cancel_keys_live.pop(cancel_key, None)
+                self._cancel_requested.discard(chat_id)
                 nursery.cancel_scope.cancel()
+        if handle is not None:
+            await self._approvals.expire_task(handle.task.task_id)
         if isinstance(outcome, TaskFailed):
+            await view.finish("⚠️ Failed")
             await self._replies.send_text(chat_id, f"⚠️ {outcome}")
             return
         result = outcome
@@ -141,7 +179,18 @@ class Conversations:
             session.reset = False
             session.proxy = proxy_id  # sticky: the conversation lives on this machine now
             await self._store.save_sessions()
-        await self._replies.send_text(chat_id, describe_result(result))
+        await view.finish(FINISH_LINES.get(result.status, "⚠️ Failed"))
+        await self._replies.send_answer(chat_id, describe_result(result))
+
+    def _track(self, chat_id: int, handle: TaskHandle) -> None:
+        self.running[chat_id] = handle
+        if chat_id in self._cancel_requested:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._cancel_when_acked, handle)
+
+    async def _cancel_when_acked(self, handle: TaskHandle) -> None:
+        await handle.acked.wait()  # a cancel before the task itself would be ignored
+        await self._hub.cancel(handle.task.task_id)
 
     async def _keep_typing(self, chat_id: int) -> None:
         while True:
@@ -154,18 +203,44 @@ class Conversations:
             await trio.sleep(TYPING_EVERY_S)
 
     def _on_approval(self, handle: TaskHandle, request: ApprovalRequest) -> None:
-        # Until approvals have buttons, decline: running commands nobody approved is worse.
         assert self.nursery is not None
-        self.nursery.start_soon(self._decline, handle, request)
+        self.nursery.start_soon(self._approvals.ask, handle.task.chat_id, request)
 
-    async def _decline(self, handle: TaskHandle, request: ApprovalRequest) -> None:
-        await self._hub.decide(handle.task.task_id, request.approval_id, "decline")
-        await self._replies.send_text(
-            handle.task.chat_id, f"Codex asked to {request.summary}; declined."
-        )
+    # ------------------------------------------------------------------ buttons
 
     async def on_callback(self, query: dict[str, Any]) -> None:
-        await self._replies.tg.call("answerCallbackQuery", {"callback_query_id": query["id"]})
+        """A button press from an allowed user."""
+        data = str(query.get("data") or "")
+        kind, _, rest = data.partition(":")
+        if kind == "a":
+            key, _, choice = rest.partition(":")
+            await self._approvals.on_press(query, key, choice)
+            return
+        if kind == "c":
+            chat_id = self._cancel_keys_live.get(data)
+            if chat_id is None:
+                await self._toast(query, "That task has already finished.")
+                return
+            await self._toast(query, "Cancelling…")
+            await self._request_cancel(chat_id)
+            return
+        if kind == "u":
+            chat_id = (query.get("message") or {}).get("chat", {}).get("id")
+            if isinstance(chat_id, int):
+                await self._toast(query, f"Using {rest}")
+                await self.use(chat_id, rest)
+                return
+        await self._toast(query, "This button is no longer valid.")
+
+    async def _toast(self, query: dict[str, Any], text: str) -> None:
+        try:
+            await self._replies.tg.call(
+                "answerCallbackQuery",
+                {"callback_query_id": query["id"], "text": text},
+                attempts=2,
+            )
+        except TelegramError as exc:
+            log.info("could not answer a button press: %s", exc.description)
 
     # ------------------------------------------------------------------ commands
 
@@ -173,10 +248,18 @@ class Conversations:
         known = self._hub.known()
         if not proxy_id:
             online = sorted(self._hub.online)
+            buttons = [
+                [{"text": p, "callback_data": f"u:{p}"}]
+                for p in online
+                if len(f"u:{p}".encode()) <= 64  # Telegram's callback_data limit
+            ]
+            text = (
+                "Pick the machine for this chat:"
+                if buttons
+                else f"No proxy is online. Known: {', '.join(known) or 'none'}."
+            )
             await self._replies.send_text(
-                chat_id,
-                f"Online: {', '.join(online) or 'none'}. Known: {', '.join(known)}.\n"
-                "Pick one with /use <proxy>.",
+                chat_id, text, reply_markup={"inline_keyboard": buttons} if buttons else None
             )
             return
         if proxy_id not in known:
@@ -198,9 +281,17 @@ class Conversations:
         await self._replies.send_text(chat_id, "OK: your next message starts a new conversation.")
 
     async def cancel(self, chat_id: int) -> None:
-        handle = self.running.get(chat_id)
-        if handle is None:
+        if chat_id not in self._cancel_keys_live.values():
             await self._replies.send_text(chat_id, "Nothing is running in this chat.")
+            return
+        await self._request_cancel(chat_id)
+
+    async def _request_cancel(self, chat_id: int) -> None:
+        handle = self.running.get(chat_id)
+        if handle is None or not handle.acked.is_set():
+            self._cancel_requested.add(chat_id)  # acted on as soon as the proxy has the task
+            if handle is not None:
+                self._track(chat_id, handle)
             return
         if not await self._hub.cancel(handle.task.task_id):
             await self._replies.send_text(chat_id, "Could not reach the proxy to cancel.")

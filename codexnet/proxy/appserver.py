@@ -76,6 +76,9 @@ class Turn:
     error: str | None = None
     usage: dict[str, int] = attrs.Factory(dict)
     finished: trio.Event = attrs.Factory(trio.Event)
+    # Set by turn/started, which follows the turn/start response: an interrupt
+    # sent before it is answered "no active turn to interrupt" and lost.
+    started: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def text(self) -> str:
@@ -285,6 +288,7 @@ class AppServer:
                     turn.step = step
         elif method == "turn/started":
             turn.step = "thinking"
+            turn.started.set()
         elif method == "error":
             error = params.get("error")
             message = error.get("message") if isinstance(error, dict) else None
@@ -374,6 +378,9 @@ class AppServer:
             turn = Turn(thread_id, on_change=on_change, on_approval=on_approval)
             child.turns[thread_id] = turn
             on_turn(turn)
+            if cancel.is_set():  # cancelled while waiting for the app-server or the thread
+                del child.turns[thread_id]
+                return TurnOutcome("interrupted", "", thread_id, None, {}, notice)
             try:
                 result = await child.peer.request(
                     "turn/start",
@@ -404,6 +411,8 @@ class AppServer:
 
     async def _interrupt_on(self, cancel: trio.Event, child: _Child, turn: Turn) -> None:
         await cancel.wait()
+        with trio.move_on_after(INTERRUPT_WAIT_S):
+            await turn.started.wait()
         await self._interrupt(child, turn)
 
     async def _interrupt(self, child: _Child, turn: Turn) -> None:

@@ -45,6 +45,10 @@ def manager_config(base_url: str, state_dir: Path, **changes: Any) -> ManagerCon
         task_timeout_s=120.0,
         telegram_poll_timeout_s=10,
         proxy_wait_s=20.0,
+        live_interval_private_s=1.0,
+        live_interval_group_s=3.0,
+        use_drafts=True,
+        approval_timeout_s=600.0,
     )
     return attrs.evolve(config, **changes)
 

@@ -1,0 +1,198 @@
+"""One live view per running task: what the agent is doing, as it happens.
+
+Two ways to show it, chosen per chat:
+
+* **draft** (private chats): a status message with the **Cancel** button is
+  sent once; the streaming text goes into `sendMessageDraft`, Telegram's
+  animated preview. A draft vanishes after ~30 s without an update, so it is
+  refreshed at least every `DRAFT_KEEPALIVE_S`.
+* **edit** (groups, or where Telegram refuses drafts): the status message
+  itself is edited in place, text and button together.
+
+Whatever the mode: at most one update per chat per `interval` (1 s private,
+3 s groups), the newest text replaces any pending one, an update that would
+not change what the chat shows is not sent, and a 429 is never retried —
+the rate limiter holds the chat for `retry_after`, and the next tick sends
+the newest text instead of the stale one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from codexnet.manager.telegram import TelegramClient, TelegramError
+
+log = logging.getLogger(__name__)
+
+TAIL_CHARS: Final = 3500  # of the answer so far; leaves room for the header under 4096
+ELAPSED_STEP_S: Final = 5  # the clock in the header moves in 5 s steps: fewer pointless edits
+DRAFT_KEEPALIVE_S: Final = 20.0
+
+
+def format_elapsed(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+
+
+def cancel_keyboard(data: str) -> dict[str, Any]:
+    return {"inline_keyboard": [[{"text": "⏹ Cancel", "callback_data": data}]]}
+
+
+NO_KEYBOARD: Final[dict[str, Any]] = {"inline_keyboard": []}
+
+
+class LiveView:
+    def __init__(
+        self,
+        tg: TelegramClient,
+        chat_id: int,
+        proxy_id: str,
+        *,
+        interval: float,
+        use_draft: bool,
+        cancel_data: str,
+        on_draft_refused: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._tg = tg
+        self.chat_id = chat_id
+        self.proxy_id = proxy_id
+        self.interval = interval
+        self.use_draft = use_draft
+        self._cancel_data = cancel_data
+        self._on_draft_refused = on_draft_refused
+        self._draft_id = random.randint(1, 2**31 - 1)
+        self._started = trio.current_time()
+        self._changed = trio.Event()
+        self.text = ""
+        self.step = "starting"
+        self.status_message_id: int | None = None
+        self.last_shown = ""
+        self.updates = 0  # live updates sent: a figure for tests and bench/
+
+    # -------------------------------------------------------------- inputs
+
+    def update(self, text: str, step: str) -> None:
+        """New state from the task (called on every event; cheap)."""
+        self.text = text
+        self.step = step or self.step
+        self._changed.set()
+
+    def render(self) -> str:
+        elapsed = (trio.current_time() - self._started) // ELAPSED_STEP_S * ELAPSED_STEP_S
+        header = f"⏳ {self.proxy_id} · {format_elapsed(elapsed)} · {self.step}"
+        body = self.text.strip()
+        if len(body) > TAIL_CHARS:
+            body = "…" + body[-TAIL_CHARS:]
+        return f"{header}\n\n{body}" if body else header
+
+    # -------------------------------------------------------------- the loop
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send the status message, then keep the view fresh until cancelled."""
+        await self._send_status("⏳ Working on it…" if self.use_draft else self.render())
+        task_status.started()
+        next_allowed = trio.current_time() + self.interval
+        last_draft = trio.current_time()
+        while True:
+            # Wake on news, or when the clock in the header ticks / a draft needs keeping alive.
+            with trio.move_on_after(ELAPSED_STEP_S):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            await trio.sleep_until(next_allowed)
+            shown = self.render()
+            keepalive = self.use_draft and trio.current_time() - last_draft >= DRAFT_KEEPALIVE_S
+            if shown == self.last_shown and not keepalive:
+                continue
+            if await self._show(shown):
+                self.last_shown = shown
+                self.updates += 1
+                last_draft = trio.current_time()
+            next_allowed = trio.current_time() + self.interval
+
+    async def _show(self, shown: str) -> bool:
+        if self.use_draft:
+            try:
+                await self._tg.call(
+                    "sendMessageDraft",
+                    {"chat_id": self.chat_id, "draft_id": self._draft_id, "text": shown},
+                    attempts=1,
+                )
+                return True
+            except TelegramError as exc:
+                if exc.code in (400, 404):
+                    # This chat (or this Bot API server) does not take drafts: edit instead.
+                    log.info(
+                        "chat %s: drafts refused (%s); editing a message instead",
+                        self.chat_id,
+                        exc.description,
+                    )
+                    self.use_draft = False
+                    self._on_draft_refused()
+                    return await self._show(shown)
+                return False  # 429 (the chat is paused), 5xx: the next tick tries again
+        return await self._edit(shown, cancel_keyboard(self._cancel_data))
+
+    async def _send_status(self, text: str, keyboard: bool = True) -> None:
+        try:
+            message = await self._tg.call(
+                "sendMessage",
+                {
+                    "chat_id": self.chat_id,
+                    "text": text,
+                    "reply_markup": cancel_keyboard(self._cancel_data) if keyboard else None,
+                },
+            )
+            self.status_message_id = message["message_id"]
+        except TelegramError as exc:
+            log.warning(
+                "chat %s: could not send the status message: %s", self.chat_id, exc.description
+            )
+
+    async def _edit(self, text: str, markup: dict[str, Any]) -> bool:
+        if self.status_message_id is None:
+            await self._send_status(text, keyboard=bool(markup["inline_keyboard"]))
+            return self.status_message_id is not None
+        try:
+            await self._tg.call(
+                "editMessageText",
+                {
+                    "chat_id": self.chat_id,
+                    "message_id": self.status_message_id,
+                    "text": text,
+                    "reply_markup": markup,
+                },
+                attempts=1,
+            )
+            return True
+        except TelegramError as exc:
+            if exc.matches("message to edit not found"):
+                self.status_message_id = None  # the person deleted it: send a new one
+                return await self._edit(text, markup)
+            log.debug("chat %s: live edit skipped: %s", self.chat_id, exc.description)
+            return False
+
+    async def finish(self, line: str) -> None:
+        """The task ended: the status message becomes one line, without the button."""
+        elapsed = format_elapsed(trio.current_time() - self._started)
+        text = f"{line} · {self.proxy_id} · {elapsed}"
+        if self.status_message_id is None:
+            return
+        try:
+            await self._tg.call(
+                "editMessageText",
+                {
+                    "chat_id": self.chat_id,
+                    "message_id": self.status_message_id,
+                    "text": text,
+                    "reply_markup": NO_KEYBOARD,
+                },
+            )
+        except TelegramError as exc:
+            log.debug("chat %s: final status edit failed: %s", self.chat_id, exc.description)
