@@ -6,6 +6,7 @@ HTTP (which answers 429 the moment the bot goes over Telegram's limits).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -71,7 +72,7 @@ async def test_in_a_group_the_placeholder_is_edited_at_most_every_3_s(stack: Sta
         for r in stack.telegram.requests
         if r.method == "editMessageText" and r.params.get("chat_id") == GROUP
     ]
-    gaps = [b - a for a, b in zip(edits, edits[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(edits)]
     assert all(gap >= 2.9 for gap in gaps[:-1]), gaps  # the final edit may follow sooner
     assert stack.telegram.drafts(GROUP) == {}  # no drafts in groups
     assert stack.telegram.stats.too_many_requests == 0

@@ -1,0 +1,124 @@
+"""The bot's Telegram lifecycle against the fake Bot API over HTTP (no codex needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from codexnet.manager.hub import Hub
+from codexnet.manager.service import run_manager
+from codexnet.manager.telegram import TelegramFatal
+from tests.fakes.stack import BOT_TOKEN, USER, manager_config
+from tests.fakes.telegram_api import FakeTelegram
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> FakeTelegram:
+    fake = FakeTelegram(BOT_TOKEN)
+    await nursery.start(fake.serve)
+    return fake
+
+
+async def test_a_wrong_token_stops_the_manager_with_a_clear_error(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    config = manager_config(fake.base_url, tmp_path, telegram_bot_token="123:wrong-token-xyz")
+    with (
+        trio.fail_after(10),
+        pytest.RaisesGroup(
+            pytest.RaisesExc(TelegramFatal, match=r"401 Unauthorized \(is the bot token right\?\)"),
+            flatten_subgroups=True,
+        ),
+    ):
+        await run_manager(config)
+
+
+async def test_another_poller_is_a_clear_fatal_error(fake: FakeTelegram, tmp_path: Path) -> None:
+    fake.fail_next(
+        "getUpdates",
+        error_code=409,
+        description="Conflict: terminated by other getUpdates request; "
+        "make sure that only one bot instance is running",
+    )
+    with (
+        trio.fail_after(10),
+        pytest.RaisesGroup(
+            pytest.RaisesExc(TelegramFatal, match="only one bot instance"), flatten_subgroups=True
+        ),
+    ):
+        await run_manager(manager_config(fake.base_url, tmp_path))
+
+
+async def test_start_up_clears_a_webhook_and_registers_commands(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    fake.webhook_url = "https://example.invalid/hook"  # someone set a webhook earlier
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_manager, manager_config(fake.base_url, tmp_path))
+        fake.push_message(USER, "/help")
+        with trio.fail_after(10):
+            await fake.wait_until(
+                lambda: any("/reset" in (m.text or "") for m in fake.messages(USER))
+            )
+        nursery.cancel_scope.cancel()
+    assert fake.webhook_url is None
+    assert [c["command"] for c in fake.commands] == [
+        "start",
+        "use",
+        "reset",
+        "cancel",
+        "status",
+        "help",
+    ]
+
+
+async def test_the_offset_is_confirmed_on_shutdown_and_survives_a_restart(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    config = manager_config(fake.base_url, tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_manager, config)
+        update_id = fake.push_message(USER, "/start")
+        with trio.fail_after(10):
+            await fake.wait_until(lambda: len(fake.messages(USER)) == 1)
+        nursery.cancel_scope.cancel()
+    confirm = [r for r in fake.requests if r.method == "getUpdates"][-1]
+    assert confirm.params.get("offset") == update_id + 1
+    assert confirm.params.get("timeout") == 0
+    assert fake.pending_updates == []
+    # A new manager does not answer /start again.
+    async with trio.open_nursery() as nursery:
+        hub: Hub = await nursery.start(run_manager, config)
+        assert hub.online == {}
+        fake.push_message(USER, "/status")
+        with trio.fail_after(10):
+            await fake.wait_until(lambda: len(fake.messages(USER)) == 2)
+        nursery.cancel_scope.cancel()
+    assert "proxy1" in (fake.messages(USER)[1].text or "")
+
+
+async def test_unknown_commands_and_non_text_messages_get_a_hint(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_manager, manager_config(fake.base_url, tmp_path))
+        fake.push_message(USER, "/frobnicate")
+        fake.push_update(
+            "message",
+            {
+                "message_id": 99,
+                "date": 0,
+                "chat": {"id": USER, "type": "private"},
+                "from": {"id": USER, "is_bot": False, "first_name": "T"},
+                "sticker": {"file_id": "x"},
+            },
+        )
+        with trio.fail_after(10):
+            await fake.wait_until(lambda: len(fake.messages(USER)) == 2)
+        nursery.cancel_scope.cancel()
+    assert [m.text for m in fake.messages(USER)] == [
+        "Unknown command /frobnicate. Try /help.",
+        "I can only read text messages for now.",
+    ]

@@ -1,0 +1,209 @@
+"""Live view throttling and approval timeouts, in memory with virtual time."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from codexnet.manager.approvals import Approvals
+from codexnet.manager.liveview import LiveView
+from codexnet.manager.telegram import TelegramClient
+from codexnet.protocol import ApprovalRequest
+from tests.fakes.stack import BOT_TOKEN, USER
+from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
+
+GROUP = -1000
+
+
+@pytest.fixture
+def fake() -> FakeTelegram:
+    fake = FakeTelegram(BOT_TOKEN)
+    fake.add_chat(USER)
+    fake.add_chat(GROUP, chat_type="group", title="team")
+    return fake
+
+
+@pytest.fixture
+async def tg(fake: FakeTelegram) -> AsyncIterator[TelegramClient]:
+    async with httpx.AsyncClient(transport=fake.transport()) as http:
+        yield TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN)
+
+
+def requests_to(fake: FakeTelegram, method: str, chat_id: int) -> list[float]:
+    return [r.time for r in fake.requests if r.method == method and r.params["chat_id"] == chat_id]
+
+
+async def stream(view: LiveView, seconds: int, per_second: int = 20) -> None:
+    """Feed the view far faster than it may update: 20 new texts a second."""
+    text = ""
+    for i in range(seconds * per_second):
+        text += f"w{i} "
+        view.update(text, "writing the answer")
+        await trio.sleep(1 / per_second)
+
+
+async def test_private_view_updates_at_most_once_a_second_with_the_newest_text(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
+    await nursery.start(view.run)
+    await stream(view, 10)
+    await trio.sleep(2)
+    drafts = requests_to(fake, "sendMessageDraft", USER)
+    gaps = [b - a for a, b in itertools.pairwise(drafts)]
+    assert 8 <= len(drafts) <= 12
+    assert min(gaps) >= 1.0
+    # The last update shows the newest text: coalescing never loses the tail.
+    assert fake.drafts(USER)[next(iter(fake.drafts(USER)))][-1].endswith("w199")
+    assert fake.stats.too_many_requests == 0
+    # The status message with the Cancel button was sent once, first.
+    [status] = fake.messages(USER)
+    assert status.reply_markup == {
+        "inline_keyboard": [[{"text": "⏹ Cancel", "callback_data": "c:1"}]]
+    }
+
+
+async def test_group_view_edits_at_most_every_3_s(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
+    await nursery.start(view.run)
+    await stream(view, 30)
+    edits = requests_to(fake, "editMessageText", GROUP)
+    gaps = [b - a for a, b in itertools.pairwise(edits)]
+    assert 8 <= len(edits) <= 11
+    assert min(gaps) >= 3.0
+    assert fake.stats.too_many_requests == 0
+    # Each edit keeps the Cancel button.
+    [status] = fake.messages(GROUP)
+    assert status.reply_markup is not None
+
+
+async def test_nothing_is_sent_when_nothing_changes(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
+    await nursery.start(view.run)
+    view.update("same", "thinking")
+    await trio.sleep(4)
+    sent = len(requests_to(fake, "editMessageText", GROUP))
+    for _ in range(50):
+        view.update("same", "thinking")
+        await trio.sleep(0.01)
+    assert len(requests_to(fake, "editMessageText", GROUP)) == sent
+    # Only the clock in the header moves it on (in 5 s steps).
+    await trio.sleep(10)
+    assert len(requests_to(fake, "editMessageText", GROUP)) <= sent + 2
+
+
+async def test_a_429_pauses_the_chat_and_nothing_goes_out_inside_the_window(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
+    await nursery.start(view.run)
+    fake.fail_next("sendMessageDraft", error_code=429, retry_after=30)
+    await stream(view, 40)
+    assert fake.stats.too_many_requests == 1
+    assert fake.stats.early_retries == 0  # nothing reached Telegram inside the 30 s
+    drafts = requests_to(fake, "sendMessageDraft", USER)
+    paused = [t for t in drafts if drafts[0] < t < drafts[0] + 30]
+    assert paused == []
+    assert len(drafts) >= 5  # and it carried on afterwards
+
+
+async def test_a_refused_draft_falls_back_to_editing(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refused: list[bool] = []
+    view = LiveView(
+        tg,
+        USER,
+        "proxy1",
+        interval=1.0,
+        use_draft=True,
+        cancel_data="c:1",
+        on_draft_refused=lambda: refused.append(True),
+    )
+    await nursery.start(view.run)
+    fake.fail_next(
+        "sendMessageDraft", error_code=400, description="Bad Request: TEXTDRAFT_PEER_INVALID"
+    )
+    await stream(view, 3)
+    assert refused == [True]
+    assert not view.use_draft
+    assert requests_to(fake, "editMessageText", USER)
+
+
+async def test_a_deleted_status_message_is_sent_again(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
+    await nursery.start(view.run)
+    assert view.status_message_id is not None
+    await tg.call("deleteMessage", {"chat_id": GROUP, "message_id": view.status_message_id})
+    await stream(view, 5)
+    await trio.sleep(4)  # virtual: one more interval for the newest text
+    assert len(fake.messages(GROUP)) == 1  # a new one replaced the deleted one
+    assert "w99" in (fake.messages(GROUP)[0].text or "")
+
+
+async def test_an_unanswered_approval_is_denied_after_the_timeout(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decided: list[tuple[str, str, str]] = []
+
+    async def decide(task_id: str, approval_id: str, decision: str) -> bool:
+        decided.append((task_id, approval_id, decision))
+        return True
+
+    approvals = Approvals(tg, decide, timeout_s=600)
+    request = ApprovalRequest("t1", "a1", "command", "rm -rf build", "in /srv")
+    start = trio.current_time()
+    await approvals.ask(USER, request)
+    assert trio.current_time() - start == pytest.approx(600, abs=1)
+    assert decided == [("t1", "a1", "decline")]
+    [question] = fake.messages(USER)
+    assert question.text == (
+        "🔐 Codex wants to run:\n\nrm -rf build\n\nin /srv\n\n⌛ No answer within 10 min: denied."
+    )
+    assert question.reply_markup in (None, {"inline_keyboard": []})
+
+
+async def test_a_stale_press_gets_a_toast(
+    fake: FakeTelegram,
+    tg: TelegramClient,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def decide(task_id: str, approval_id: str, decision: str) -> bool:
+        return True
+
+    approvals = Approvals(tg, decide, timeout_s=600)
+    await approvals.on_press({"id": "q1", "from": {"id": USER}}, "zz", "y")
+    assert [r.params for r in fake.requests if r.method == "answerCallbackQuery"] == [
+        {"callback_query_id": "q1", "text": "This request is no longer pending."}
+    ]
