@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from codexnet.config import ProxyConfig
-from codexnet.proxy.appserver import Approval, AppServer, AppServerUnavailable, Turn
+from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn
+from codexnet.proxy.server_requests import Approval
 
 FAKE = Path(__file__).parent / "fakes" / "fake_appserver.py"
 

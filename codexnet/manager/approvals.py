@@ -45,8 +45,10 @@ class _Pending:
 def describe(request: ApprovalRequest) -> str:
     if request.kind == "command":
         head = f"🔐 Codex wants to run:\n\n{request.summary}"
-    elif request.kind == "file_change":
+    elif request.kind in ("file_change", "permissions"):
         head = f"🔐 Codex wants to {request.summary}"
+    elif request.kind == "elicitation":
+        head = f"🔐 A tool asks: {request.summary}"
     else:
         head = f"🔐 Codex asks for approval: {request.summary}"
     return f"{head}\n\n{request.detail}" if request.detail else head

@@ -28,8 +28,10 @@ import trio
 import codexnet
 from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
+from codexnet.proxy import server_requests
 from codexnet.proxy.jsonrpc import JsonRpcPeer, PeerClosed, RpcError, ServerRequest
 from codexnet.proxy.progress import describe_item
+from codexnet.proxy.server_requests import Approval
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +41,10 @@ KILL_GRACE_S: Final = 3.0
 RESTART_BACKOFF_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
 READY_WAIT_S: Final = 30.0
 INTERRUPT_WAIT_S: Final = 10.0
-APPROVAL_METHODS: Final = {
-    "item/commandExecution/requestApproval": "command",
-    "item/fileChange/requestApproval": "file_change",
-    "execCommandApproval": "command",
-    "applyPatchApproval": "file_change",
-}
 
 
 class AppServerUnavailable(Exception):
     """No healthy app-server child to run the turn on."""
-
-
-@attrs.frozen
-class Approval:
-    kind: str  # "command" | "file_change"
-    summary: str  # the command, or a one-line change summary
-    detail: str  # cwd, reason, file list
 
 
 # The runner's answer to an approval: "accept", "acceptForSession", "decline" or "cancel".
@@ -318,22 +307,20 @@ class AppServer:
         nursery.start_soon(self._answer_server_request, child, request)
 
     async def _answer_server_request(self, child: _Child, request: ServerRequest) -> None:
-        kind = APPROVAL_METHODS.get(request.method)
+        approval = server_requests.describe(request.method, request.params)
         thread_id = request.params.get("threadId") or request.params.get("conversationId")
         turn = child.turns.get(thread_id) if isinstance(thread_id, str) else None
         try:
-            if kind is None or turn is None:
+            if approval is None or turn is None:
                 log.warning("declining unsupported app-server request %s", request.method)
                 await child.peer.respond_error(
                     request.id, -32601, f"codexnet does not support {request.method}"
                 )
                 return
-            decision = await turn.on_approval(_describe_approval(kind, request.params))
-            if request.method in ("execCommandApproval", "applyPatchApproval"):
-                legacy = {"accept": "approved", "acceptForSession": "approved_for_session"}
-                await child.peer.respond(request.id, {"decision": legacy.get(decision, "denied")})
-            else:
-                await child.peer.respond(request.id, {"decision": decision})
+            decision = await turn.on_approval(approval)
+            await child.peer.respond(
+                request.id, server_requests.respond(request.method, decision, request.params)
+            )
         except PeerClosed:
             pass  # the child died; its turns fail through _forget_child
 
@@ -452,28 +439,3 @@ def _version_from_user_agent(info: Any) -> str:
     agent = info.get("userAgent", "") if isinstance(info, dict) else ""
     head = agent.split(" ", 1)[0]
     return head.split("/", 1)[1] if "/" in head else ""
-
-
-def _describe_approval(kind: str, params: dict[str, Any]) -> Approval:
-    if kind == "command":
-        command = params.get("command")
-        if isinstance(command, list):
-            command = " ".join(str(c) for c in command)
-        actions = params.get("commandActions")
-        if isinstance(actions, list) and actions and isinstance(actions[0], dict):
-            command = actions[0].get("command") or command
-        notes = []
-        if params.get("cwd"):
-            notes.append(f"in {params['cwd']}")
-        if params.get("reason"):
-            notes.append(f"reason: {params['reason']}")
-        return Approval("command", str(command or "(unknown command)"), "; ".join(notes))
-    changes = params.get("changes") or params.get("fileChanges") or {}
-    paths = list(changes) if isinstance(changes, dict) else []
-    if isinstance(changes, list):
-        paths = [str(c.get("path")) for c in changes if isinstance(c, dict)]
-    summary = f"change {len(paths)} file(s)" if paths else "apply a file change"
-    detail = ", ".join(paths[:10])
-    if params.get("reason"):
-        detail = f"{detail}; reason: {params['reason']}".strip("; ")
-    return Approval("file_change", summary, detail)

@@ -47,7 +47,8 @@ from codexnet.protocol import (
     decode_manager_frame,
     encode,
 )
-from codexnet.proxy.appserver import Approval, AppServer, AppServerUnavailable, Turn
+from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn
+from codexnet.proxy.server_requests import Approval
 from codexnet.wsclient import connect_websocket
 
 log = logging.getLogger(__name__)
