@@ -228,3 +228,36 @@ async def test_fifty_chats_streaming_at_once_stay_under_every_limit(stack: Stack
         )
     assert stack.telegram.stats.too_many_requests == 0
     assert stack.telegram.stats.violations == 0
+
+
+async def test_a_turn_over_its_time_limit_is_stopped_and_says_so(stack: Stack) -> None:
+    async with stack.manager(task_timeout_s=3.0) as hub, stack.proxy(hub):
+        [line] = await say(stack, "[[slow:60]]", expect="Timed out")
+    assert line.startswith("⏱ Timed out: no answer within 3 s.\n\ntick 1")
+    assert re.match(r"⏱ Timed out · proxy1 · 0:0\d", statuses(stack)[-1])
+
+
+async def test_a_crashed_app_server_is_reported_and_replaced(stack: Stack) -> None:
+    async with stack.manager() as hub, stack.proxy(hub) as proxy:
+        stack.telegram.push_message(USER, "[[slow:60]]")
+        await wait(
+            stack,
+            lambda: any("tick 1" in t for ts in stack.telegram.drafts(USER).values() for t in ts),
+        )
+        child = proxy._app._child
+        assert child is not None
+        child.process.kill()  # the codex process dies mid-turn
+        new = await say(stack, "after the crash", expect="Echo: after the crash")
+        assert any(
+            t.startswith("⚠️ Codex failed: the Codex app-server crashed\n\ntick 1")
+            for t in texts(stack)
+        )
+        # The new app-server resumed the same Codex thread from disk.
+        assert new[-1] == "Echo: after the crash (turn 2)"
+        assert proxy._app.restarts == 1
+
+
+async def test_the_live_view_shows_the_running_command(stack: Stack) -> None:
+    await approval_round_trip(stack, "", approval_timeout_s=3.0)
+    shown = [t for ts in stack.telegram.drafts(USER).values() for t in ts]
+    assert any("· running `touch approved.txt`" in t for t in shown), shown
