@@ -24,6 +24,18 @@ def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
+def run_service(
+    main: Callable[[], Awaitable[object]], fatal: type[BaseException]
+) -> BaseException | None:
+    """Run `main` until a signal; the `fatal` error it ended with, if any (unwrapped)."""
+    caught: list[BaseException] = []
+    try:
+        trio.run(run_until_signal, main)
+    except* fatal as group:
+        caught.append(first_leaf(group))
+    return caught[0] if caught else None
+
+
 async def run_until_signal(main: Callable[[], Awaitable[object]]) -> None:
     """Run `main` until it returns or SIGTERM/SIGINT arrives, then cancel it.
 

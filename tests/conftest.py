@@ -1,9 +1,19 @@
-"""Test-wide set-up: find the codex installed by scripts/install-codex.sh."""
+"""Test-wide set-up: the codex installed by scripts/install-codex.sh, shared fixtures."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import httpx
+import pytest
+
+from codexnet.manager.telegram import TelegramClient
+from tests.fakes.stack import BOT_TOKEN, USER
+from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
+
+GROUP = -1000
 
 _CODEX_BIN = Path(__file__).resolve().parent.parent / ".tools" / "codex" / "node_modules" / ".bin"
 
@@ -11,3 +21,18 @@ _CODEX_BIN = Path(__file__).resolve().parent.parent / ".tools" / "codex" / "node
 # codex lives in an ignored folder, so put it on PATH for the end-to-end tests.
 if (_CODEX_BIN / "codex").exists():
     os.environ["PATH"] = f"{_CODEX_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture
+def fake() -> FakeTelegram:
+    """The fake Bot API, reached in memory (see `tg`): no sockets, so virtual time works."""
+    fake = FakeTelegram(BOT_TOKEN)
+    fake.add_chat(USER)
+    fake.add_chat(GROUP, chat_type="group", title="team")
+    return fake
+
+
+@pytest.fixture
+async def tg(fake: FakeTelegram) -> AsyncIterator[TelegramClient]:
+    async with httpx.AsyncClient(transport=fake.transport()) as http:
+        yield TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 import trio
 import trio.testing
@@ -14,24 +12,9 @@ from codexnet.manager.approvals import Approvals
 from codexnet.manager.liveview import LiveView
 from codexnet.manager.telegram import TelegramClient
 from codexnet.protocol import ApprovalRequest
-from tests.fakes.stack import BOT_TOKEN, USER
-from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
-
-GROUP = -1000
-
-
-@pytest.fixture
-def fake() -> FakeTelegram:
-    fake = FakeTelegram(BOT_TOKEN)
-    fake.add_chat(USER)
-    fake.add_chat(GROUP, chat_type="group", title="team")
-    return fake
-
-
-@pytest.fixture
-async def tg(fake: FakeTelegram) -> AsyncIterator[TelegramClient]:
-    async with httpx.AsyncClient(transport=fake.transport()) as http:
-        yield TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN)
+from tests.conftest import GROUP
+from tests.fakes.stack import USER
+from tests.fakes.telegram_api import FakeTelegram
 
 
 def requests_to(fake: FakeTelegram, method: str, chat_id: int) -> list[float]:

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import httpx
 import pytest
 import trio.testing
 
 from codexnet.manager.replies import Replies
 from codexnet.manager.telegram import TelegramClient
 from tests.fakes.responses_api import MARKDOWN_SAMPLE
-from tests.fakes.stack import BOT_TOKEN, USER
-from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
+from tests.fakes.stack import USER
+from tests.fakes.telegram_api import FakeTelegram
 
 
 @pytest.fixture
-def fake() -> FakeTelegram:
-    fake = FakeTelegram(BOT_TOKEN)
-    fake.add_chat(USER)
-    return fake
-
-
-@pytest.fixture
-async def replies(fake: FakeTelegram) -> AsyncIterator[Replies]:
-    async with httpx.AsyncClient(transport=fake.transport()) as http:
-        yield Replies(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
+def replies(tg: TelegramClient) -> Replies:
+    return Replies(tg)
 
 
 async def test_markdown_goes_out_as_entities(

@@ -6,8 +6,6 @@ windows and backoffs take no wall time and can be asserted to the second.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 import trio
@@ -15,21 +13,8 @@ import trio.testing
 
 from codexnet.manager.ratelimit import RateLimiter
 from codexnet.manager.telegram import TelegramClient, TelegramError, TelegramFatal
-from tests.fakes.stack import BOT_TOKEN, USER
+from tests.fakes.stack import USER
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
-
-
-@pytest.fixture
-def fake() -> FakeTelegram:
-    fake = FakeTelegram(BOT_TOKEN)
-    fake.add_chat(USER)
-    return fake
-
-
-@pytest.fixture
-async def tg(fake: FakeTelegram) -> AsyncIterator[TelegramClient]:
-    async with httpx.AsyncClient(transport=fake.transport()) as http:
-        yield TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN)
 
 
 async def test_a_burst_to_one_chat_is_paced_and_never_429s(

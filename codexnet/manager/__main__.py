@@ -16,7 +16,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from codexnet.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, first_leaf, run_until_signal
+from codexnet.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, run_service, run_until_signal
 from codexnet.config import DEFAULT_MANAGER_CONFIG, ConfigError, load_manager_config, parse_listen
 from codexnet.logs import setup_logging
 from codexnet.manager.hub import Hub, TaskFailed
@@ -110,13 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     config = attrs.evolve(config, manager_ws_listen=listen)
-    fatal: list[BaseException] = []
-    try:
-        trio.run(run_until_signal, lambda: run_manager(config))
-    except* TelegramFatal as group:
-        fatal.append(first_leaf(group))
-    if fatal:
-        log.error("Telegram refused the bot: %s", fatal[0])
+    fatal = run_service(lambda: run_manager(config), TelegramFatal)
+    if fatal is not None:
+        log.error("Telegram refused the bot: %s", fatal)
         return EXIT_FAILED
     return EXIT_OK
 

@@ -119,7 +119,7 @@ class Approvals:
         """A button press from an allowed user (the caller checked who pressed)."""
         pending = self._pending.get(key)
         if pending is None or pending.decided.is_set() or choice not in CHOICES:
-            await self._toast(query, STALE)
+            await self._tg.toast(query, STALE)
             return
         pending.decided.set()
         decision, label = CHOICES[choice]
@@ -127,10 +127,12 @@ class Approvals:
             pending.request.task_id, pending.request.approval_id, decision
         )
         if not delivered:
-            await self._toast(query, "The machine is offline; the request could not be answered.")
+            await self._tg.toast(
+                query, "The machine is offline; the request could not be answered."
+            )
             await self._close(pending, "⚠️ Could not deliver the decision: the proxy is offline.")
             return
-        await self._toast(query, label)
+        await self._tg.toast(query, label)
         await self._close(pending, f"{label} by {_who(query.get('from') or {})}.")
 
     async def _close(self, pending: _Pending, outcome: str) -> None:
@@ -156,11 +158,3 @@ class Approvals:
             await self._tg.call("sendMessage", {"chat_id": chat_id, "text": text})
         except TelegramError as exc:
             log.error("chat %s: %s", chat_id, exc.description)
-
-    async def _toast(self, query: dict[str, Any], text: str) -> None:
-        try:
-            await self._tg.call(
-                "answerCallbackQuery", {"callback_query_id": query["id"], "text": text}, attempts=2
-            )
-        except TelegramError as exc:
-            log.info("could not answer a button press: %s", exc.description)

@@ -161,11 +161,7 @@ class Bot:
         user = query.get("from")
         if not self.allowed(user):
             log.warning("refused a button press from user %s", (user or {}).get("id"))
-            await self._tg.call(
-                "answerCallbackQuery",
-                {"callback_query_id": query["id"], "text": "You are not allowed to do that."},
-                attempts=2,
-            )
+            await self._tg.toast(query, "You are not allowed to do that.")
             return
         await self.conversations.on_callback(query)
 

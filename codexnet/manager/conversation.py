@@ -20,7 +20,6 @@ from codexnet.manager.liveview import LiveView
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import choose_proxy
 from codexnet.manager.state import StateStore
-from codexnet.manager.telegram import TelegramError
 from codexnet.protocol import ApprovalRequest, TaskResult
 
 log = logging.getLogger(__name__)
@@ -219,28 +218,18 @@ class Conversations:
         if kind == "c":
             chat_id = self._cancel_keys_live.get(data)
             if chat_id is None:
-                await self._toast(query, "That task has already finished.")
+                await self._replies.tg.toast(query, "That task has already finished.")
                 return
-            await self._toast(query, "Cancelling…")
+            await self._replies.tg.toast(query, "Cancelling…")
             await self._request_cancel(chat_id)
             return
         if kind == "u":
             chat_id = (query.get("message") or {}).get("chat", {}).get("id")
             if isinstance(chat_id, int):
-                await self._toast(query, f"Using {rest}")
+                await self._replies.tg.toast(query, f"Using {rest}")
                 await self.use(chat_id, rest)
                 return
-        await self._toast(query, "This button is no longer valid.")
-
-    async def _toast(self, query: dict[str, Any], text: str) -> None:
-        try:
-            await self._replies.tg.call(
-                "answerCallbackQuery",
-                {"callback_query_id": query["id"], "text": text},
-                attempts=2,
-            )
-        except TelegramError as exc:
-            log.info("could not answer a button press: %s", exc.description)
+        await self._replies.tg.toast(query, "This button is no longer valid.")
 
     # ------------------------------------------------------------------ commands
 

@@ -127,6 +127,22 @@ class TelegramClient:
             await trio.sleep(delay)
         raise TelegramError(method, 429, "still rate limited after retries")
 
+    async def toast(self, query: dict[str, Any], text: str) -> None:
+        """Answer a button press with a short notice; best effort.
+
+        Telegram shows a spinner on the button until it is answered, and a
+        callback query older than ~15 s can no longer be answered at all, so a
+        failure here is logged, never raised.
+        """
+        try:
+            await self.call(
+                "answerCallbackQuery",
+                {"callback_query_id": query["id"], "text": text},
+                attempts=2,
+            )
+        except TelegramError as exc:
+            log.info("could not answer a button press: %s", exc.description)
+
     async def _post(
         self,
         method: str,

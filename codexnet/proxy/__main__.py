@@ -7,9 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-import trio
-
-from codexnet.cli import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, first_leaf, run_until_signal
+from codexnet.cli import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, run_service
 from codexnet.config import DEFAULT_PROXY_CONFIG, ConfigError, load_proxy_config
 from codexnet.logs import setup_logging
 from codexnet.proxy.appserver import AppServer
@@ -37,13 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     service = ProxyService(config, AppServer(config))
-    refused: list[BaseException] = []
-    try:
-        trio.run(run_until_signal, service.run)
-    except* ProxyRefused as group:
-        refused.append(first_leaf(group))
-    if refused:
-        log.error("%s", refused[0])
+    refused = run_service(service.run, ProxyRefused)
+    if refused is not None:
+        log.error("%s", refused)
         return EXIT_REFUSED
     return EXIT_OK
 
