@@ -153,7 +153,9 @@ async def approval_round_trip(stack: Stack, choice: str, **manager: object) -> S
             [pick] = [d for d in data if d.endswith(choice)]
             stack.telegram.push_callback(USER, question.message_id, pick)
         await wait(
-            stack, lambda: any(s.startswith(("✅ Done", "⚠️", "⏹")) for s in statuses(stack)), 90
+            stack,
+            lambda: any(t.startswith(("Command output", "⚠️", "⏹")) for t in texts(stack)),
+            90,
         )
         return stack.telegram.message(USER, question.message_id)
 

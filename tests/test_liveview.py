@@ -9,12 +9,18 @@ import trio
 import trio.testing
 
 from codexnet.manager.approvals import Approvals
-from codexnet.manager.liveview import LiveView
+from codexnet.manager.liveview import SHOW_AFTER_S, LiveView
 from codexnet.manager.telegram import TelegramClient
 from codexnet.protocol import ApprovalRequest
 from tests.conftest import GROUP
 from tests.fakes.stack import USER
 from tests.fakes.telegram_api import FakeTelegram
+
+
+async def show(nursery: trio.Nursery, view: LiveView) -> None:
+    """Start the view and let it appear (it waits `SHOW_AFTER_S` first)."""
+    nursery.start_soon(view.run)
+    await trio.sleep(SHOW_AFTER_S + 0.01)
 
 
 def requests_to(fake: FakeTelegram, method: str, chat_id: int) -> list[float]:
@@ -37,7 +43,7 @@ async def test_private_view_updates_at_most_once_a_second_with_the_newest_text(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
-    await nursery.start(view.run)
+    await show(nursery, view)
     await stream(view, 10)
     await trio.sleep(2)
     drafts = requests_to(fake, "sendMessageDraft", USER)
@@ -61,7 +67,7 @@ async def test_group_view_edits_at_most_every_3_s(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
-    await nursery.start(view.run)
+    await show(nursery, view)
     await stream(view, 30)
     edits = requests_to(fake, "editMessageText", GROUP)
     gaps = [b - a for a, b in itertools.pairwise(edits)]
@@ -80,7 +86,7 @@ async def test_nothing_is_sent_when_nothing_changes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
-    await nursery.start(view.run)
+    await show(nursery, view)
     view.update("same", "thinking")
     await trio.sleep(4)
     sent = len(requests_to(fake, "editMessageText", GROUP))
@@ -88,9 +94,9 @@ async def test_nothing_is_sent_when_nothing_changes(
         view.update("same", "thinking")
         await trio.sleep(0.01)
     assert len(requests_to(fake, "editMessageText", GROUP)) == sent
-    # Only the clock in the header moves it on (in 5 s steps).
+    # Only the clock in the header moves it on, in 5 s steps: one edit per step at most.
     await trio.sleep(10)
-    assert len(requests_to(fake, "editMessageText", GROUP)) <= sent + 2
+    assert len(requests_to(fake, "editMessageText", GROUP)) <= sent + 3
 
 
 async def test_a_429_pauses_the_chat_and_nothing_goes_out_inside_the_window(
@@ -100,7 +106,7 @@ async def test_a_429_pauses_the_chat_and_nothing_goes_out_inside_the_window(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
-    await nursery.start(view.run)
+    await show(nursery, view)
     fake.fail_next("sendMessageDraft", error_code=429, retry_after=30)
     await stream(view, 40)
     assert fake.stats.too_many_requests == 1
@@ -127,7 +133,7 @@ async def test_a_refused_draft_falls_back_to_editing(
         cancel_data="c:1",
         on_draft_refused=lambda: refused.append(True),
     )
-    await nursery.start(view.run)
+    await show(nursery, view)
     fake.fail_next(
         "sendMessageDraft", error_code=400, description="Bad Request: TEXTDRAFT_PEER_INVALID"
     )
@@ -144,13 +150,24 @@ async def test_a_deleted_status_message_is_sent_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
-    await nursery.start(view.run)
+    await show(nursery, view)
     assert view.status_message_id is not None
     await tg.call("deleteMessage", {"chat_id": GROUP, "message_id": view.status_message_id})
     await stream(view, 5)
     await trio.sleep(4)  # virtual: one more interval for the newest text
     assert len(fake.messages(GROUP)) == 1  # a new one replaced the deleted one
     assert "w99" in (fake.messages(GROUP)[0].text or "")
+
+
+async def test_a_quick_task_gets_no_live_view_at_all(
+    fake: FakeTelegram, tg: TelegramClient, autojump_clock: trio.testing.MockClock
+) -> None:
+    view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
+    with trio.move_on_after(SHOW_AFTER_S * 0.9):  # the answer came back this fast
+        await view.run()
+    assert fake.requests == []
+    await view.finish("✅ Done")  # nothing to edit either
+    assert fake.requests == []
 
 
 async def test_an_unanswered_approval_is_denied_after_the_timeout(

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 POLL_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 CONFIRM_TIMEOUT_S: Final = 5.0
+UPDATE_GRACE_S: Final = 10.0  # how long shutdown waits for the update being handled
 ALLOWED_UPDATES: Final = ["message", "callback_query"]
 COMMANDS: Final = [
     ("start", "What this bot does"),
@@ -55,6 +56,8 @@ class Bot:
         self._store = store
         self._replies = Replies(tg)
         self.username = ""
+        self._handling: trio.CancelScope | None = None
+        self._stopping = False
         self.conversations = Conversations(config, hub, store, self._replies)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -75,7 +78,17 @@ class Bot:
         task_status.started()
         async with trio.open_nursery() as nursery:
             self.conversations.nursery = nursery
+            nursery.start_soon(self._bound_shutdown)
             await self._poll(nursery)
+
+    async def _bound_shutdown(self) -> None:
+        """On shutdown, give the update being handled `UPDATE_GRACE_S` to finish."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._stopping = True
+            if self._handling is not None:
+                self._handling.deadline = trio.current_time() + UPDATE_GRACE_S
 
     async def _poll(self, nursery: trio.Nursery) -> None:
         offset = self._store.offset
@@ -102,9 +115,18 @@ class Bot:
                     continue
                 failures = 0
                 for update in updates or []:
-                    await self._dispatch(update)
+                    if self._stopping:
+                        break  # the rest is redelivered on the next start
+                    # Handling an update and saving the offset past it go together: a
+                    # shutdown between the two would run the update again on the next
+                    # start. So handling is shielded; `_bound_shutdown` gives it a
+                    # deadline once the manager is stopping.
+                    with trio.CancelScope(shield=True) as self._handling:
+                        await self._dispatch(update)
+                    self._handling = None
                     offset = int(update["update_id"]) + 1
-                    await self._store.save_offset(offset)
+                    with trio.CancelScope(shield=True):
+                        await self._store.save_offset(offset)
         finally:
             if offset is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT_S):

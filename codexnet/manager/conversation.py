@@ -146,7 +146,7 @@ class Conversations:
         )
         outcome: TaskResult | TaskFailed
         async with trio.open_nursery() as nursery:
-            await nursery.start(view.run)
+            nursery.start_soon(view.run)
             nursery.start_soon(self._keep_typing, chat_id)
             try:
                 outcome = await self._hub.run_task(

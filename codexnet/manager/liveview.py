@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 TAIL_CHARS: Final = 3500  # of the answer so far; leaves room for the header under 4096
 ELAPSED_STEP_S: Final = 5  # the clock in the header moves in 5 s steps: fewer pointless edits
 DRAFT_KEEPALIVE_S: Final = 20.0
+# A quick answer needs no live view: the view appears only once a task has run
+# this long, so a one-second answer costs one message, not four requests.
+SHOW_AFTER_S: Final = 1.0
 
 
 def format_elapsed(seconds: float) -> str:
@@ -94,10 +97,10 @@ class LiveView:
 
     # -------------------------------------------------------------- the loop
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send the status message, then keep the view fresh until cancelled."""
+    async def run(self) -> None:
+        """After `SHOW_AFTER_S`, send the status message; keep the view fresh until cancelled."""
+        await trio.sleep(SHOW_AFTER_S)
         await self._send_status("⏳ Working on it…" if self.use_draft else self.render())
-        task_status.started()
         next_allowed = trio.current_time() + self.interval
         last_draft = trio.current_time()
         while True:
