@@ -10,6 +10,7 @@ typo silently ignored is a setting silently not applied.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -61,6 +62,21 @@ class ManagerConfig:
     live_interval_group_s: float
     use_drafts: bool
     approval_timeout_s: float
+    manager_tls_cert: Path | None = None
+    manager_tls_key: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context for `wss://`, or None for plain `ws://`."""
+        if self.manager_tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.manager_tls_cert, self.manager_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{self.source}: manager_tls_cert/manager_tls_key: cannot load: {exc}"
+            ) from None
+        return context
 
 
 @attrs.frozen
@@ -78,6 +94,18 @@ class ProxyConfig:
     http_proxy: str | None
     https_proxy: str | None
     no_proxy: str | None
+    manager_ca_file: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context for a `wss://` manager (system CAs, or `manager_ca_file`)."""
+        if not self.manager_ws.startswith("wss://"):
+            return None
+        try:
+            return ssl.create_default_context(
+                cafile=str(self.manager_ca_file) if self.manager_ca_file else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{self.source}: manager_ca_file: cannot load: {exc}") from None
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """The codex child's environment: ours (CODEX_HOME etc.) plus the proxy settings."""
@@ -175,6 +203,12 @@ class _Reader:
         if not isinstance(value, bool):
             raise self.error(key, "expected true or false")
         return value
+
+    def existing_file(self, key: str, value: Any) -> Path:
+        path = Path(self.string(key, value)).expanduser()
+        if not path.is_file():
+            raise self.error(key, f"{str(path)!r} is not a file")
+        return path
 
     def strings(self, key: str, value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -294,7 +328,11 @@ def load_manager_config(
         live_interval_group_s=r.get("live_interval_group_s", r.positive_number, 3.0),
         use_drafts=r.get("use_drafts", r.boolean, True),
         approval_timeout_s=r.get("approval_timeout_s", r.positive_number, 600.0),
+        manager_tls_cert=r.get("manager_tls_cert", r.existing_file, None),
+        manager_tls_key=r.get("manager_tls_key", r.existing_file, None),
     )
+    if config.manager_tls_key is not None and config.manager_tls_cert is None:
+        raise r.error("manager_tls_key", "given without manager_tls_cert")
     if not 0 <= config.telegram_poll_timeout_s <= 50:
         raise r.error("telegram_poll_timeout_s", "expected 0..50 (Telegram caps it at 50)")
     r.check_unknown()
@@ -349,6 +387,7 @@ def load_proxy_config(
         http_proxy=r.get("http_proxy", r.string, None),
         https_proxy=r.get("https_proxy", r.string, None),
         no_proxy=r.get("no_proxy", r.string, None),
+        manager_ca_file=r.get("manager_ca_file", r.existing_file, None),
     )
     r.check_unknown()
     return config

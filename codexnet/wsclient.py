@@ -4,7 +4,8 @@ trio-websocket's `open_websocket_url` leaks the client socket when the server
 closes the connection and the body exits on that `ConnectionClosed` (the
 client waits for the server's TCP close in a reader task that is cancelled
 first). A proxy that reconnects for weeks cannot leak a socket per refusal,
-so the stream is opened here and closed in `finally`, whatever happened.
+so the stream is opened here and closed in `finally`, whatever happened. The
+TLS handshake is done here too, so a bad certificate fails at once and says why.
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ async def connect_websocket(
         tcp = await trio.open_tcp_stream(parts.hostname, port)
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
         if secure:
-            stream = trio.SSLStream(
+            tls = trio.SSLStream(
                 tcp, ssl_context or ssl.create_default_context(), server_hostname=parts.hostname
             )
+            try:
+                # Handshake here: trio-websocket would wait out the whole connect
+                # timeout on a certificate it cannot verify instead of failing.
+                await tls.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(tcp)
+                raise
+            stream = tls
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):

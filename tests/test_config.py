@@ -113,6 +113,10 @@ def test_default_path_is_codex_config_json(tmp_path: Path, monkeypatch: pytest.M
         ),
         ('{"telegram_bot_token": "1:x", "tokne": 1}', "c.jsonc: tokne: unknown key"),
         ("[1, 2]", "c.jsonc: expected an object at the top level"),
+        (
+            '{"telegram_bot_token": "1:x", "manager_tls_cert": "/no/cert.pem"}',
+            "c.jsonc: manager_tls_cert: '/no/cert.pem' is not a file",
+        ),
     ],
 )
 def test_manager_config_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -198,3 +202,18 @@ def test_parse_listen() -> None:
     assert parse_listen("[::1]:80") == ("::1", 80)
     with pytest.raises(ConfigError, match="--ws-listen: expected HOST:PORT"):
         parse_listen("8765x")
+
+
+def test_a_bad_certificate_names_the_keys(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    text = f'{{"telegram_bot_token": "1:x", "manager_tls_cert": "{tmp_path}/cert.pem"}}'
+    config = load_manager_config(write(tmp_path, text), env={})
+    with pytest.raises(ConfigError, match="manager_tls_cert/manager_tls_key: cannot load"):
+        config.ssl_context()
+
+
+def test_tls_key_without_cert_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "key.pem").write_text("x")
+    text = f'{{"telegram_bot_token": "1:x", "manager_tls_key": "{tmp_path}/key.pem"}}'
+    with pytest.raises(ConfigError, match="manager_tls_key: given without manager_tls_cert"):
+        load_manager_config(write(tmp_path, text), env={})

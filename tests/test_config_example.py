@@ -33,6 +33,13 @@ def test_each_half_of_the_example_loads(tmp_path: Path) -> None:
     manager = {k: v for k, v in example.items() if k in keys(ManagerConfig)}
     proxy = {k: v for k, v in example.items() if k in keys(ProxyConfig)}
     proxy["codex_cwd"] = str(tmp_path)
+    for key, holder in (
+        ("manager_tls_cert", manager),
+        ("manager_tls_key", manager),
+        ("manager_ca_file", proxy),
+    ):
+        (tmp_path / key).write_text("not checked by the loader, only by ssl at start")
+        holder[key] = str(tmp_path / key)
     (tmp_path / "m.json").write_text(json.dumps(manager))
     (tmp_path / "p.json").write_text(json.dumps(proxy))
     assert load_manager_config(tmp_path / "m.json", env={}).default_proxy == "laptop"

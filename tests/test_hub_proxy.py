@@ -7,7 +7,9 @@ dropped socket. The real codex runs in tests/test_e2e_*.py.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -161,3 +163,43 @@ async def test_offline_proxy_fails_fast(hub: Hub) -> None:
 
     with pytest.raises(TaskFailed, match="proxy p2 is offline"):
         await hub.run_task("p2", "hello")
+
+
+async def test_wss_with_the_managers_own_ca(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ssl)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    hub = Hub(PROXIES)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(hub.serve, "127.0.0.1", 0, ssl_context=server_ssl))
+        # Without the CA the proxy cannot verify the manager, says so, and keeps trying.
+        untrusting = make_proxy(tmp_path, hub)
+        untrusting = ProxyService(
+            attrs.evolve(untrusting._config, manager_ws=f"wss://127.0.0.1:{hub.port}"),
+            untrusting._app,
+        )
+        caplog.set_level(logging.WARNING)
+        with trio.move_on_after(3):
+            await untrusting.run()
+        assert "certificate verify failed" in caplog.text
+        assert hub.online == {}
+        # With manager_ca_file it connects and works.
+        base = make_proxy(tmp_path, hub)
+        config = attrs.evolve(
+            base._config, manager_ws=f"wss://127.0.0.1:{hub.port}", manager_ca_file=ca_file
+        )
+        service = ProxyService(config, AppServer(config))
+        nursery.start_soon(service.run)
+        with trio.fail_after(20):
+            await hub.wait_online("p1")
+            result = await hub.run_task("p1", "over tls")
+        assert result.text == "Echo: over tls"
+        nursery.cancel_scope.cancel()

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         listen = config.manager_ws_listen
         if args.ws_listen:
             listen = parse_listen(args.ws_listen)
+        server_ssl = config.ssl_context()  # loads the certificate now, so errors are clean
     except ConfigError as exc:
         print(f"codexnet-manager: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -89,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = trio.run(
                 lambda: run_once(
-                    hub, *listen, args.dispatch_proxy, args.prompt, timeout_s=args.timeout
+                    hub,
+                    *listen,
+                    args.dispatch_proxy,
+                    args.prompt,
+                    timeout_s=args.timeout,
+                    ssl_context=server_ssl,
                 )
             )
         except TaskFailed as exc:
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ws_only:
 
         async def hub_only() -> None:
-            await Hub(config.proxies).serve(*listen)
+            await Hub(config.proxies).serve(*listen, ssl_context=server_ssl)
 
         trio.run(run_until_signal, hub_only)
         return EXIT_OK

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -166,16 +167,17 @@ class Hub:
         host: str,
         port: int,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve proxies until cancelled; `started(port)` with the bound port."""
+        """Serve proxies until cancelled (`wss://` with `ssl_context`); `started(port)`."""
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 lambda task_status: serve_websocket(
                     self._handle,
                     host,
                     port,
-                    None,
+                    ssl_context,
                     max_message_size=MAX_FRAME_BYTES,
                     message_queue_size=8,
                     disconnect_timeout=5,
@@ -184,7 +186,8 @@ class Hub:
             )
             bound = server.port
             self.port = bound
-            log.info("waiting for proxies on ws://%s:%d", host, bound)
+            scheme = "wss" if ssl_context else "ws"
+            log.info("waiting for proxies on %s://%s:%d", scheme, host, bound)
             task_status.started(bound)
 
     async def _handle(self, request: WebSocketRequest) -> None:

@@ -8,6 +8,8 @@ run_manager
 from __future__ import annotations
 
 import logging
+import ssl
+from functools import partial
 
 import httpx
 import trio
@@ -36,7 +38,7 @@ async def run_manager(
     async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)
         bot = Bot(config, tg, hub, store)
-        await nursery.start(hub.serve, host, port)
+        await nursery.start(partial(hub.serve, host, port, ssl_context=config.ssl_context()))
         await nursery.start(bot.run)
         task_status.started(hub)
 
@@ -49,6 +51,7 @@ async def run_once(
     prompt: str,
     *,
     timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> TaskResult:
     """The one-shot CLI: serve proxies, wait for `proxy_id`, run one prompt.
 
@@ -56,7 +59,7 @@ async def run_once(
     """
     outcome: TaskResult | TaskFailed = TaskFailed("not run")
     async with trio.open_nursery() as nursery:
-        await nursery.start(hub.serve, host, port)
+        await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
         try:
             with trio.fail_after(timeout_s):
                 await hub.wait_online(proxy_id)

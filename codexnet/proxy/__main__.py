@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         config = load_proxy_config(args.config)
+        config.ssl_context()  # loads manager_ca_file now, so errors are clean
     except ConfigError as exc:
         print(f"codexnet-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

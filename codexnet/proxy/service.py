@@ -25,6 +25,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 import codexnet
+from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
 from codexnet.protocol import (
     CLOSE_PROTOCOL_VERSION,
@@ -93,6 +94,7 @@ class ProxyService:
         self._capacity = trio.Semaphore(config.capacity)
         self._approval_counter = 0
         self.connected = trio.Event()
+        self._ssl_context = config.ssl_context()
 
     async def run(self) -> None:
         """Serve until cancelled; raises `ProxyRefused` when the manager refuses us."""
@@ -107,13 +109,15 @@ class ProxyService:
         while True:
             refused: str | None = None
             try:
-                async with connect_websocket(self._config.manager_ws) as ws:
+                async with connect_websocket(
+                    self._config.manager_ws, ssl_context=self._ssl_context
+                ) as ws:
                     failures = 0
                     await self._session(ws, tasks)
             except* ConnectionClosed as group:
                 refused = _refusal(group)
                 log.warning("connection to the manager closed: %s", _close_reason(group))
-            except* (HandshakeError, OSError, trio.TooSlowError) as group:
+            except* (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
                 log.warning(
                     "cannot reach the manager at %s: %s", self._config.manager_ws, _first(group)
                 )
@@ -339,8 +343,11 @@ async def _set_when(source: trio.Event, target: trio.Event) -> None:
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> str:
-    exc = group.exceptions[0]
-    return str(exc) or type(exc).__name__
+    exc = first_leaf(group)
+    text = str(exc) or type(exc).__name__
+    if exc.__cause__ is not None:  # e.g. BrokenResourceError caused by a TLS verify failure
+        text = f"{text}: {exc.__cause__}"
+    return text
 
 
 def _refusal(group: BaseExceptionGroup[ConnectionClosed]) -> str | None:
