@@ -7,6 +7,7 @@ sockets, so the real clock, with deadlines instead of sleeps.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -139,3 +140,53 @@ async def test_a_message_sent_while_the_proxy_connects_waits_for_it(stack: Stack
             with trio.fail_after(60):
                 await stack.telegram.wait_until(lambda: "Echo: early bird (turn 1)" in texts(stack))
     assert texts(stack) == ["Echo: early bird (turn 1)"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_an_answer_survives_a_manager_restart_mid_task(stack: Stack) -> None:
+    listen = ("127.0.0.1", free_port())
+    async with stack.proxy(port=listen[1]):
+        async with stack.manager(manager_ws_listen=listen) as hub:
+            with trio.fail_after(60):
+                await hub.wait_online("proxy1")
+            stack.telegram.push_message(USER, "[[slow:8]]")
+            with trio.fail_after(60):
+                await stack.telegram.wait_until(
+                    lambda: any(
+                        "tick 1" in t for ts in stack.telegram.drafts(USER).values() for t in ts
+                    )
+                )
+        # The manager is gone mid-task; the turn goes on on the proxy.
+        assert "tasks" in (stack.state_dir / "tasks.json").read_text()
+        async with stack.manager(manager_ws_listen=listen):
+            with trio.fail_after(60):
+                await stack.telegram.wait_until(lambda: any("tick 8" in t for t in texts(stack)))
+    assert texts(stack)[-1] == " ".join(f"tick {i}" for i in range(1, 9))
+    assert len(stack.model.requests) == 1  # answered once, not run again
+    assert '"tasks": []' in (stack.state_dir / "tasks.json").read_text()
+
+
+async def test_a_task_the_proxy_lost_is_reported_after_a_restart(stack: Stack) -> None:
+    listen = ("127.0.0.1", free_port())
+    async with stack.manager(manager_ws_listen=listen) as hub, stack.proxy(hub):
+        stack.telegram.push_message(USER, "[[slow:60]]")
+        with trio.fail_after(60):
+            await stack.telegram.wait_until(
+                lambda: any(
+                    "tick 1" in t for ts in stack.telegram.drafts(USER).values() for t in ts
+                )
+            )
+    # Both went down: the new proxy never heard of the task.
+    async with stack.manager(manager_ws_listen=listen) as hub, stack.proxy(hub):
+        with trio.fail_after(60):
+            await stack.telegram.wait_until(
+                lambda: any("no longer has this task" in t for t in texts(stack))
+            )
+    assert texts(stack)[-1] == (
+        "⚠️ proxy proxy1 no longer has this task (it or the manager restarted); please send it again"
+    )

@@ -17,6 +17,7 @@ import trio
 
 from codexnet.config import ManagerConfig
 from codexnet.manager.conversation import Conversations
+from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
 from codexnet.manager.state import StateStore
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 POLL_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 CONFIRM_TIMEOUT_S: Final = 5.0
-UPDATE_GRACE_S: Final = 10.0  # how long shutdown waits for the update being handled
+SHUTDOWN_GRACE_S: Final = 10.0  # how long shutdown waits for an update or an answer in flight
 ALLOWED_UPDATES: Final = ["message", "callback_query"]
 COMMANDS: Final = [
     ("start", "What this bot does"),
@@ -56,9 +57,8 @@ class Bot:
         self._store = store
         self._replies = Replies(tg)
         self.username = ""
-        self._handling: trio.CancelScope | None = None
-        self._stopping = False
-        self.conversations = Conversations(config, hub, store, self._replies)
+        self.grace = ShutdownGrace(SHUTDOWN_GRACE_S)
+        self.conversations = Conversations(config, hub, store, self._replies, self.grace)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._tg.call("deleteWebhook", {"drop_pending_updates": False})
@@ -78,17 +78,16 @@ class Bot:
         task_status.started()
         async with trio.open_nursery() as nursery:
             self.conversations.nursery = nursery
+            self.conversations.start_adopted()
             nursery.start_soon(self._bound_shutdown)
             await self._poll(nursery)
 
     async def _bound_shutdown(self) -> None:
-        """On shutdown, give the update being handled `UPDATE_GRACE_S` to finish."""
+        """On shutdown, give protected steps `SHUTDOWN_GRACE_S` to finish."""
         try:
             await trio.sleep_forever()
         finally:
-            self._stopping = True
-            if self._handling is not None:
-                self._handling.deadline = trio.current_time() + UPDATE_GRACE_S
+            self.grace.begin()
 
     async def _poll(self, nursery: trio.Nursery) -> None:
         offset = self._store.offset
@@ -115,15 +114,12 @@ class Bot:
                     continue
                 failures = 0
                 for update in updates or []:
-                    if self._stopping:
+                    if self.grace.stopping:
                         break  # the rest is redelivered on the next start
-                    # Handling an update and saving the offset past it go together: a
-                    # shutdown between the two would run the update again on the next
-                    # start. So handling is shielded; `_bound_shutdown` gives it a
-                    # deadline once the manager is stopping.
-                    with trio.CancelScope(shield=True) as self._handling:
+                    # Handling an update and saving the offset past it go together:
+                    # a shutdown between the two would run it again on the next start.
+                    with self.grace.protect():
                         await self._dispatch(update)
-                    self._handling = None
                     offset = int(update["update_id"]) + 1
                     with trio.CancelScope(shield=True):
                         await self._store.save_offset(offset)

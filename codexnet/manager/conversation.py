@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import trio
 
 from codexnet.config import ManagerConfig
 from codexnet.manager.approvals import Approvals
+from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub, TaskFailed, TaskHandle
 from codexnet.manager.liveview import LiveView
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import choose_proxy
-from codexnet.manager.state import StateStore
+from codexnet.manager.state import JournalEntry, StateStore
 from codexnet.protocol import ApprovalRequest, TaskResult
 
 log = logging.getLogger(__name__)
@@ -50,8 +54,14 @@ def describe_result(result: TaskResult) -> str:
 
 class Conversations:
     def __init__(
-        self, config: ManagerConfig, hub: Hub, store: StateStore, replies: Replies
+        self,
+        config: ManagerConfig,
+        hub: Hub,
+        store: StateStore,
+        replies: Replies,
+        grace: ShutdownGrace,
     ) -> None:
+        self._grace = grace
         self._config = config
         self._hub = hub
         self._store = store
@@ -62,11 +72,21 @@ class Conversations:
         self._cancel_keys = (format(n, "x") for n in itertools.count(1))
         self._cancel_keys_live: dict[str, int] = {}  # Cancel button data → chat
         self._cancel_requested: set[int] = set()  # pressed before the task reached the proxy
-        self._no_drafts: set[int] = set()  # chats where Telegram refused sendMessageDraft
+        self._no_drafts: set[int] = set()
+        self._adopted: list[
+            tuple[JournalEntry, TaskHandle]
+        ] = []  # chats where Telegram refused sendMessageDraft
         self._approvals = Approvals(replies.tg, hub.decide, timeout_s=config.approval_timeout_s)
         self.nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ prompts
+
+    def start_adopted(self) -> None:
+        """Follow the tasks `adopt_journal` took back (once the nursery exists)."""
+        assert self.nursery is not None
+        for entry, handle in self._adopted:
+            self.nursery.start_soon(self._resume, entry, handle)
+        self._adopted.clear()
 
     def submit(self, chat_id: int, text: str) -> None:
         """Hand a prompt over; it runs in the background after earlier ones of this chat."""
@@ -128,6 +148,64 @@ class Conversations:
         if proxy_id is None:
             return
         thread_id = None if session.reset else session.threads.get(proxy_id)
+        task_id = uuid.uuid4().hex
+        # Journalled before it is sent: a manager restart can still deliver the answer.
+        await self._store.journal_add(JournalEntry(task_id, chat_id, proxy_id, time.time()))
+
+        def start(view: LiveView) -> Awaitable[TaskResult]:
+            return self._hub.run_task(
+                proxy_id,
+                text,
+                task_id=task_id,
+                chat_id=chat_id,
+                thread_id=thread_id,
+                timeout_s=self._config.task_timeout_s,
+                on_update=lambda handle: view.update(handle.text, handle.step),
+                on_approval=self._on_approval,
+                on_handle=lambda handle: self._track(chat_id, handle),
+            )
+
+        await self._follow(chat_id, proxy_id, task_id, start)
+
+    def adopt_journal(self) -> None:
+        """Take back the tasks a previous run sent but never answered (before serving)."""
+        for entry in self._store.journal:
+            if entry.proxy_id not in self._hub.known():
+                log.warning(
+                    "journal: dropping task %s for unknown proxy %r", entry.task_id, entry.proxy_id
+                )
+                continue
+            handle = self._hub.adopt(
+                entry.task_id,
+                entry.proxy_id,
+                chat_id=entry.chat_id,
+                timeout_s=self._config.task_timeout_s,
+                on_approval=self._on_approval,
+            )
+            self._adopted.append((entry, handle))
+        if self._adopted:
+            log.info("journal: %d task(s) from before the restart", len(self._adopted))
+
+    async def _resume(self, entry: JournalEntry, handle: TaskHandle) -> None:
+        """Deliver the answer of a task adopted from the journal."""
+
+        def start(view: LiveView) -> Awaitable[TaskResult]:
+            handle.on_update = lambda h: view.update(h.text, h.step)
+            self._track(entry.chat_id, handle)
+            return self._hub.follow(handle)
+
+        lock = self._locks.setdefault(entry.chat_id, trio.StrictFIFOLock())
+        async with lock:
+            await self._follow(entry.chat_id, entry.proxy_id, entry.task_id, start)
+
+    async def _follow(
+        self,
+        chat_id: int,
+        proxy_id: str,
+        task_id: str,
+        start: Callable[[LiveView], Awaitable[TaskResult]],
+    ) -> None:
+        """Show a task live while it runs, then its answer; forget it in the journal."""
         private = chat_id > 0
         cancel_key = f"c:{next(self._cancel_keys)}"
         self._cancel_keys_live[cancel_key] = chat_id
@@ -149,37 +227,36 @@ class Conversations:
             nursery.start_soon(view.run)
             nursery.start_soon(self._keep_typing, chat_id)
             try:
-                outcome = await self._hub.run_task(
-                    proxy_id,
-                    text,
-                    chat_id=chat_id,
-                    thread_id=thread_id,
-                    timeout_s=self._config.task_timeout_s,
-                    on_update=lambda handle: view.update(handle.text, handle.step),
-                    on_approval=self._on_approval,
-                    on_handle=lambda handle: self._track(chat_id, handle),
-                )
+                outcome = await start(view)
             except TaskFailed as exc:  # caught here: out of the nursery it would be a group
                 outcome = exc
             finally:
-                handle = self.running.pop(chat_id, None)
+                self.running.pop(chat_id, None)
                 self._cancel_keys_live.pop(cancel_key, None)
                 self._cancel_requested.discard(chat_id)
                 nursery.cancel_scope.cancel()
-        if handle is not None:
-            await self._approvals.expire_task(handle.task.task_id)
+        # Delivering the answer and forgetting the task go together: a shutdown in
+        # between would make the next start report the answered task as lost.
+        with self._grace.protect():
+            await self._deliver(chat_id, proxy_id, view, outcome)
+            await self._store.journal_done(task_id)
+        await self._approvals.expire_task(task_id)
+
+    async def _deliver(
+        self, chat_id: int, proxy_id: str, view: LiveView, outcome: TaskResult | TaskFailed
+    ) -> None:
         if isinstance(outcome, TaskFailed):
             await view.finish("⚠️ Failed")
             await self._replies.send_text(chat_id, f"⚠️ {outcome}")
             return
-        result = outcome
-        if result.thread_id:
-            session.threads[proxy_id] = result.thread_id
+        if outcome.thread_id:
+            session = self._store.chat(chat_id)
+            session.threads[proxy_id] = outcome.thread_id
             session.reset = False
             session.proxy = proxy_id  # sticky: the conversation lives on this machine now
             await self._store.save_sessions()
-        await view.finish(FINISH_LINES.get(result.status, "⚠️ Failed"))
-        await self._replies.send_answer(chat_id, describe_result(result))
+        await view.finish(FINISH_LINES.get(outcome.status, "⚠️ Failed"))
+        await self._replies.send_answer(chat_id, describe_result(outcome))
 
     def _track(self, chat_id: int, handle: TaskHandle) -> None:
         self.running[chat_id] = handle

@@ -284,7 +284,10 @@ class Hub:
             if handle.task.task_id in held:
                 continue  # still running, or its result is on the way from the outbox
             if handle.sent:
-                handle.fail(f"proxy {conn.proxy_id} restarted and lost the task")
+                handle.fail(
+                    f"proxy {conn.proxy_id} no longer has this task (it or the manager "
+                    "restarted); please send it again"
+                )
             else:
                 handle.sent = await conn.send(handle.task)
 
@@ -325,6 +328,7 @@ class Hub:
         proxy_id: str,
         prompt: str,
         *,
+        task_id: str | None = None,
         chat_id: int = 0,
         thread_id: str | None = None,
         timeout_s: float = 1800.0,
@@ -336,20 +340,48 @@ class Hub:
         conn = self.online.get(proxy_id)
         if conn is None:
             raise TaskFailed(f"proxy {proxy_id} is offline")
-        task = Task(uuid.uuid4().hex, chat_id, prompt, thread_id, timeout_s)
+        task = Task(task_id or uuid.uuid4().hex, chat_id, prompt, thread_id, timeout_s)
         handle = TaskHandle(task, proxy_id, on_update, on_approval)
         self.tasks[task.task_id] = handle
         on_handle(handle)
+        handle.sent = await conn.send(task)
+        return await self.follow(handle)
+
+    def adopt(
+        self,
+        task_id: str,
+        proxy_id: str,
+        *,
+        chat_id: int,
+        timeout_s: float,
+        on_update: Callable[[TaskHandle], None] = lambda handle: None,
+        on_approval: Callable[[TaskHandle, ApprovalRequest], None] = _ignore_approval,
+    ) -> TaskHandle:
+        """Take back a task sent before a manager restart (from the journal).
+
+        Call before `serve`: the proxy's `hello` then finds the handle and either
+        keeps it (the task still runs or its result waits in the outbox) or fails
+        it (the proxy no longer knows it). Then `follow` it.
+        """
+        task = Task(task_id, chat_id, "", None, timeout_s)
+        handle = TaskHandle(task, proxy_id, on_update, on_approval, sent=True)
+        self.tasks[task_id] = handle
+        return handle
+
+    async def follow(self, handle: TaskHandle) -> TaskResult:
+        """Wait for `handle`'s result, within its timeout; raises `TaskFailed`."""
+        task = handle.task
         try:
-            handle.sent = await conn.send(task)
-            with trio.move_on_after(timeout_s + RESULT_GRACE_S):
+            with trio.move_on_after(task.timeout_s + RESULT_GRACE_S):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_proxy, handle)
                     await handle.done.wait()
                     nursery.cancel_scope.cancel()
             if not handle.done.is_set():
                 await self.cancel(task.task_id)
-                raise TaskFailed(f"no result from proxy {proxy_id} within {timeout_s:.0f} s")
+                raise TaskFailed(
+                    f"no result from proxy {handle.proxy_id} within {task.timeout_s:.0f} s"
+                )
             if handle.result is None:
                 raise TaskFailed(handle.failure or "the task failed")
             return handle.result

@@ -38,6 +38,7 @@ async def run_manager(
     async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)
         bot = Bot(config, tg, hub, store)
+        bot.conversations.adopt_journal()  # before serving: proxies' hellos must find them
         await nursery.start(partial(hub.serve, host, port, ssl_context=config.ssl_context()))
         await nursery.start(bot.run)
         task_status.started(hub)

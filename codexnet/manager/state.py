@@ -68,11 +68,23 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+@attrs.frozen
+class JournalEntry:
+    """A task sent to a proxy whose answer has not reached the chat yet."""
+
+    task_id: str
+    chat_id: int
+    proxy_id: str
+    started: float
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.sessions_path = state_dir / "sessions.json"
         self.offset_path = state_dir / "offset.json"
+        self.journal_path = state_dir / "tasks.json"
+        self._journal: dict[str, JournalEntry] = {}
         self._chats: dict[int, ChatSession] = {}
         self._offset: int | None = None
         self._lock = trio.Lock()
@@ -90,6 +102,19 @@ class StateStore:
                 )
             except (ValueError, AttributeError, TypeError):
                 log.error("%s: skipping malformed entry for chat %r", self.sessions_path, key)
+        journal = _read_json(self.journal_path)
+        for raw in journal.get("tasks", []) if isinstance(journal, dict) else []:
+            try:
+                entry = JournalEntry(
+                    str(raw["task_id"]),
+                    int(raw["chat_id"]),
+                    str(raw["proxy_id"]),
+                    float(raw["started"]),
+                )
+            except (KeyError, ValueError, TypeError):
+                log.error("%s: skipping malformed entry %r", self.journal_path, raw)
+                continue
+            self._journal[entry.task_id] = entry
         offset = _read_json(self.offset_path)
         if isinstance(offset, dict) and isinstance(offset.get("offset"), int):
             self._offset = offset["offset"]
@@ -109,6 +134,24 @@ class StateStore:
         }
         async with self._lock:
             await trio.to_thread.run_sync(write_atomic, self.sessions_path, data)
+
+    @property
+    def journal(self) -> list[JournalEntry]:
+        return sorted(self._journal.values(), key=lambda e: e.started)
+
+    async def journal_add(self, entry: JournalEntry) -> None:
+        """Record a task before it is sent, so a restart can still deliver its answer."""
+        self._journal[entry.task_id] = entry
+        await self._save_journal()
+
+    async def journal_done(self, task_id: str) -> None:
+        if self._journal.pop(task_id, None) is not None:
+            await self._save_journal()
+
+    async def _save_journal(self) -> None:
+        data = {"tasks": [attrs.asdict(e) for e in self.journal]}
+        async with self._lock:
+            await trio.to_thread.run_sync(write_atomic, self.journal_path, data)
 
     async def save_offset(self, offset: int) -> None:
         if offset == self._offset:

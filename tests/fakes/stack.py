@@ -96,15 +96,20 @@ class Stack:
                 nursery.cancel_scope.cancel()
 
     @asynccontextmanager
-    async def proxy(self, hub: Hub, **changes: Any) -> AsyncIterator[ProxyService]:
+    async def proxy(
+        self, hub: Hub | None = None, *, port: int = 0, **changes: Any
+    ) -> AsyncIterator[ProxyService]:
+        """Run a proxy for `hub` (waiting until it is online), or for whatever hub
+        listens on `port` (it keeps reconnecting, across manager restarts)."""
         workdir = self.tmp / "work"
         workdir.mkdir(exist_ok=True)
-        config = proxy_config(hub.port, workdir, **changes)
+        config = proxy_config(hub.port if hub else port, workdir, **changes)
         service = ProxyService(config, AppServer(config, env=self.codex_env))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.run)
-            with trio.fail_after(60):
-                await hub.wait_online(config.proxy_id)
+            if hub is not None:
+                with trio.fail_after(60):
+                    await hub.wait_online(config.proxy_id)
             try:
                 yield service
             finally:
