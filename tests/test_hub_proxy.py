@@ -203,3 +203,28 @@ async def test_wss_with_the_managers_own_ca(
             result = await hub.run_task("p1", "over tls")
         assert result.text == "Echo: over tls"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_task_beyond_capacity_waits_and_says_so(tmp_path: Path, hub: Hub) -> None:
+    base = make_proxy(tmp_path, hub)
+    config = attrs.evolve(base._config, capacity=1)
+    service = ProxyService(config, AppServer(config))
+    steps: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.run)
+        with trio.fail_after(20):
+            await hub.wait_online("p1")
+        results = []
+
+        async def run(prompt: str, **kw: object) -> None:
+            results.append(await hub.run_task("p1", prompt, **kw))  # type: ignore[arg-type]
+
+        first_running = trio.Event()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(partial(run, "slow", on_update=lambda h: first_running.set()))
+                await first_running.wait()  # it streams, so it holds the only slot
+                tasks.start_soon(partial(run, "second", on_update=lambda h: steps.append(h.step)))
+        nursery.cancel_scope.cancel()
+    assert sorted(r.text for r in results) == ["Echo: second", "Echo: slow"]
+    assert "queued: all 1 slots of this machine are busy" in steps

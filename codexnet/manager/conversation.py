@@ -17,6 +17,7 @@ from typing import Any, Final
 import trio
 
 from codexnet.config import ManagerConfig
+from codexnet.events import wait_first
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub, TaskFailed, TaskHandle
@@ -72,10 +73,8 @@ class Conversations:
         self._cancel_keys = (format(n, "x") for n in itertools.count(1))
         self._cancel_keys_live: dict[str, int] = {}  # Cancel button data → chat
         self._cancel_requested: set[int] = set()  # pressed before the task reached the proxy
-        self._no_drafts: set[int] = set()
-        self._adopted: list[
-            tuple[JournalEntry, TaskHandle]
-        ] = []  # chats where Telegram refused sendMessageDraft
+        self._no_drafts: set[int] = set()  # chats where Telegram refused sendMessageDraft
+        self._adopted: list[tuple[JournalEntry, TaskHandle]] = []  # from the journal
         self._approvals = Approvals(replies.tg, hub.decide, timeout_s=config.approval_timeout_s)
         self.nursery: trio.Nursery | None = None
 
@@ -238,9 +237,9 @@ class Conversations:
         # Delivering the answer and forgetting the task go together: a shutdown in
         # between would make the next start report the answered task as lost.
         with self._grace.protect():
+            await self._approvals.expire_task(task_id)  # open questions are moot now
             await self._deliver(chat_id, proxy_id, view, outcome)
             await self._store.journal_done(task_id)
-        await self._approvals.expire_task(task_id)
 
     async def _deliver(
         self, chat_id: int, proxy_id: str, view: LiveView, outcome: TaskResult | TaskFailed
@@ -265,8 +264,10 @@ class Conversations:
             self.nursery.start_soon(self._cancel_when_acked, handle)
 
     async def _cancel_when_acked(self, handle: TaskHandle) -> None:
-        await handle.acked.wait()  # a cancel before the task itself would be ignored
-        await self._hub.cancel(handle.task.task_id)
+        # A cancel that overtakes the task itself would be ignored by the proxy.
+        await wait_first(handle.acked, handle.done)
+        if not handle.done.is_set():
+            await self._hub.cancel(handle.task.task_id)
 
     async def _keep_typing(self, chat_id: int) -> None:
         while True:

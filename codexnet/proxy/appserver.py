@@ -350,15 +350,22 @@ class AppServer:
         """
         child = await self._ready_child()
         notice = None
-        if thread_id is None:
-            thread_id = await self._start_thread(child)
-        elif thread_id not in child.loaded_threads:
-            try:
-                await self._resume_thread(child, thread_id)
-            except RpcError as exc:
-                log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
-                notice = "The previous Codex conversation could not be resumed; started a new one."
+        try:
+            if thread_id is None:
                 thread_id = await self._start_thread(child)
+            elif thread_id not in child.loaded_threads:
+                try:
+                    await self._resume_thread(child, thread_id)
+                except RpcError as exc:
+                    log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
+                    notice = (
+                        "The previous Codex conversation could not be resumed; started a new one."
+                    )
+                    thread_id = await self._start_thread(child)
+        except PeerClosed:
+            raise AppServerUnavailable("the Codex app-server crashed") from None
+        except RpcError as exc:
+            raise AppServerUnavailable(f"the Codex app-server refused the thread: {exc}") from None
 
         lock = self._thread_locks.setdefault(thread_id, trio.Lock())
         async with lock:

@@ -27,6 +27,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 import codexnet
 from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
+from codexnet.events import wait_first
 from codexnet.protocol import (
     CLOSE_PROTOCOL_VERSION,
     CLOSE_UNAUTHORIZED,
@@ -219,6 +220,9 @@ class ProxyService:
         result: TaskResult
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward, running)
+            if self._capacity.value == 0:
+                step = f"queued: all {self._config.capacity} slots of this machine are busy"
+                await self._send(TaskEvent(task.task_id, running.next_seq(), "progress", step))
             async with self._capacity:
                 await self._send(Load(len(self._running), self._config.capacity))
                 result = await self._execute(running)
@@ -253,6 +257,11 @@ class ProxyService:
                 )
             except AppServerUnavailable as exc:
                 return TaskResult(task.task_id, "failed", error=str(exc), thread_id=task.thread_id)
+            except Exception as exc:  # error boundary: one task's bug never ends the proxy
+                log.exception("task %s failed inside the proxy", task.task_id)
+                return TaskResult(
+                    task.task_id, "failed", error=f"proxy error: {exc}", thread_id=task.thread_id
+                )
             status = outcome.status
             if status not in ("completed", "failed", "interrupted"):
                 status = "failed"
@@ -317,10 +326,7 @@ class ProxyService:
         try:
             await self._flush(running)  # the text so far goes out before the question
             await self._send(request)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_set_when, running.cancel, decided)
-                await decided.wait()
-                nursery.cancel_scope.cancel()
+            await wait_first(decided, running.cancel)
         finally:
             del running.approvals[approval_id]
         return slot[0] if slot else "cancel"
@@ -335,11 +341,6 @@ class ProxyService:
         if not slot:
             slot.append(frame.decision)
         decided.set()
-
-
-async def _set_when(source: trio.Event, target: trio.Event) -> None:
-    await source.wait()
-    target.set()
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> str:
