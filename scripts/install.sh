@@ -30,7 +30,14 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
     exit 0
 fi
 
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+    if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "install.sh: $python cannot create virtual environments;" \
+             "on Debian/Ubuntu: apt-get install python3-venv" >&2
+        exit 1
+    fi
+    "$python" -m venv .venv
+fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
 echo "$want" > "$stamp"
