@@ -78,6 +78,31 @@ def python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+async def one_shot(
+    config: Path, port: int, *, cli_timeout: int
+) -> subprocess.CompletedProcess[bytes]:
+    """The README's one-shot command: `--ws-only … --dispatch-proxy proxy1 --prompt ping`."""
+    return await trio.run_process(
+        python(
+            "codexnet.manager",
+            "--config",
+            str(config),
+            "--ws-only",
+            "--ws-listen",
+            f"127.0.0.1:{port}",
+            "--dispatch-proxy",
+            "proxy1",
+            "--prompt",
+            "ping",
+            "--timeout",
+            str(cli_timeout),
+        ),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+
+
 @pytest.fixture
 async def codex_env(tmp_path: Path, model: FakeResponsesAPI) -> dict[str, str]:
     return write_codex_home(tmp_path / "codex-home", model.base_url)
@@ -122,25 +147,7 @@ async def test_one_shot_cli_prints_the_answer(
         )
     )
     with trio.fail_after(90):
-        result = await trio.run_process(
-            python(
-                "codexnet.manager",
-                "--config",
-                str(config),
-                "--ws-only",
-                "--ws-listen",
-                f"127.0.0.1:{port}",
-                "--dispatch-proxy",
-                "proxy1",
-                "--prompt",
-                "ping",
-                "--timeout",
-                "60",
-            ),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+        result = await one_shot(config, port, cli_timeout=60)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == "Echo: ping (turn 1)"
 
@@ -149,25 +156,7 @@ async def test_one_shot_cli_times_out_with_one_clear_line(tmp_path: Path) -> Non
     port = free_port()
     config = manager_config(tmp_path, port)
     with trio.fail_after(30):
-        result = await trio.run_process(
-            python(
-                "codexnet.manager",
-                "--config",
-                str(config),
-                "--ws-only",
-                "--ws-listen",
-                f"127.0.0.1:{port}",
-                "--dispatch-proxy",
-                "proxy1",
-                "--prompt",
-                "ping",
-                "--timeout",
-                "2",
-            ),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+        result = await one_shot(config, port, cli_timeout=2)
     assert result.returncode == 1
     last = result.stderr.decode().strip().splitlines()[-1]
     assert last == "codexnet-manager: no answer from proxy proxy1 within 2 s"

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import trio
 
-from codexnet.manager.telegram import TelegramClient, TelegramError
+from codexnet.manager.telegram import MAX_ATTEMPTS, TelegramClient, TelegramError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class LiveView:
                 "chat %s: could not send the status message: %s", self.chat_id, exc.description
             )
 
-    async def _edit(self, text: str, markup: dict[str, Any]) -> bool:
+    async def _edit(self, text: str, markup: dict[str, Any], *, attempts: int = 1) -> bool:
         if self.status_message_id is None:
             await self._send_status(text, keyboard=bool(markup["inline_keyboard"]))
             return self.status_message_id is not None
@@ -171,7 +171,7 @@ class LiveView:
                     "text": text,
                     "reply_markup": markup,
                 },
-                attempts=1,
+                attempts=attempts,
             )
             return True
         except TelegramError as exc:
@@ -185,17 +185,5 @@ class LiveView:
         """The task ended: the status message becomes one line, without the button."""
         elapsed = format_elapsed(trio.current_time() - self._started)
         text = f"{line} · {self.proxy_id} · {elapsed}"
-        if self.status_message_id is None:
-            return
-        try:
-            await self._tg.call(
-                "editMessageText",
-                {
-                    "chat_id": self.chat_id,
-                    "message_id": self.status_message_id,
-                    "text": text,
-                    "reply_markup": NO_KEYBOARD,
-                },
-            )
-        except TelegramError as exc:
-            log.debug("chat %s: final status edit failed: %s", self.chat_id, exc.description)
+        if self.status_message_id is not None:  # a quick task never showed a view
+            await self._edit(text, NO_KEYBOARD, attempts=MAX_ATTEMPTS)
