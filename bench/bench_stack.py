@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = f"{ROOT / '.tools/codex/node_modules/.bin'}{os.pathsep}{os.environ['PATH']}"
 
 from codexnet.manager.render import render_markdown, split_chunk  # noqa: E402
+from codexnet.manager.telegram import CHAT_LIMITED  # noqa: E402
 from tests.fakes.responses_api import long_text  # noqa: E402
 from tests.fakes.stack import USER, Stack, open_stack  # noqa: E402
 
@@ -78,9 +79,11 @@ async def fifty(stack: Stack, chats: int) -> tuple[float, int, float, int]:
             )
         )
     wall = trio.current_time() - start
-    times = sorted(r.time for r in telegram.requests[before:])
+    requests = telegram.requests[before:]
+    # Telegram's ~30/s is about messages; polls and chat actions are not counted here.
+    times = sorted(r.time for r in requests if r.method in CHAT_LIMITED)
     peak = max(sum(1 for t in times if t0 <= t < t0 + 1) for t0 in times)
-    return wall, len(times), peak, telegram.stats.too_many_requests
+    return wall, len(requests), peak, telegram.stats.too_many_requests
 
 
 async def main(rounds: int, chats: int) -> None:
@@ -95,7 +98,10 @@ async def main(rounds: int, chats: int) -> None:
                 results = [await one_round(stack, n) for n in range(rounds)]
                 firsts, dones, requests = zip(*results, strict=True)
                 rows += [
-                    ("message → first live update, median", f"{statistics.median(firsts):.3f} s"),
+                    (
+                        "message → first reply (view or answer), median",
+                        f"{statistics.median(firsts):.3f} s",
+                    ),
                     ("message → answer in chat, median", f"{statistics.median(dones):.3f} s"),
                     ("message → answer in chat, max", f"{max(dones):.3f} s"),
                     ("Bot API requests per short answer", f"{statistics.median(requests):.0f}"),
@@ -106,7 +112,7 @@ async def main(rounds: int, chats: int) -> None:
                 rows += [
                     (f"{chats} chats streaming at once: all answered", f"{wall:.1f} s"),
                     (f"{chats} chats: Bot API requests", str(total)),
-                    (f"{chats} chats: peak requests in any 1 s", str(peak)),
+                    (f"{chats} chats: peak message requests in any 1 s", str(peak)),
                     (f"{chats} chats: 429 answers", str(too_many)),
                     ("codex app-server RSS after the runs", f"{codex_rss:.0f} MB"),
                     (
