@@ -100,3 +100,16 @@ async def test_limiter_keeps_the_whole_bot_under_30_per_second(
         await limiter.acquire(chat)
     elapsed = trio.current_time() - start
     assert 100 / elapsed <= 30
+
+
+async def test_a_paused_chat_gets_no_chat_action_either(
+    fake: FakeTelegram, tg: TelegramClient, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.fail_next("sendMessage", error_code=429, retry_after=20)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tg.call, "sendMessage", {"chat_id": USER, "text": "hi"})
+        await fake.wait_for_request("sendMessage")
+        start = trio.current_time()
+        await tg.call("sendChatAction", {"chat_id": USER, "action": "typing"})
+        assert trio.current_time() - start >= 19  # held until the window closed
+    assert fake.stats.early_retries == 0

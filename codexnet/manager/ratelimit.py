@@ -78,17 +78,23 @@ class RateLimiter:
             return
         self._paused_until[chat_id] = max(self.paused_until(chat_id), until)
 
-    async def acquire(self, chat_id: int | None) -> None:
-        """Wait until a request to `chat_id` (None: not chat-bound) may go out; book it."""
+    async def acquire(self, chat_id: int | None, *, counts: bool = True) -> None:
+        """Wait until a request to `chat_id` (None: not chat-bound) may go out; book it.
+
+        A paused chat gets nothing at all inside its window, chat actions
+        included; only requests that `counts` (messages, edits) use its bucket.
+        """
         waited = False
         while True:
             now = trio.current_time()
             at = max(self._global.ready_at(now), self._global_paused_until)
             if chat_id is not None:
-                at = max(at, self._bucket(chat_id).ready_at(now), self.paused_until(chat_id))
+                at = max(at, self.paused_until(chat_id))
+                if counts:
+                    at = max(at, self._bucket(chat_id).ready_at(now))
             if at <= now:
                 self._global.take()
-                if chat_id is not None:
+                if chat_id is not None and counts:
                     self._bucket(chat_id).take()
                 self.waits += waited
                 return

@@ -85,10 +85,11 @@ class TelegramClient:
     ) -> Any:
         """Call `method`; return its `result`. See the module doc for error handling."""
         params = {k: v for k, v in (params or {}).items() if v is not None}
-        chat_id = params.get("chat_id") if method in CHAT_LIMITED else None
+        chat_id = params.get("chat_id")
         chat_id = chat_id if isinstance(chat_id, int) else None
+        counts = method in CHAT_LIMITED
         for attempt in range(attempts):
-            await self.limiter.acquire(chat_id)
+            await self.limiter.acquire(chat_id, counts=counts)
             try:
                 status, body = await self._post(method, params, files, read_timeout)
             except httpx.TransportError as exc:
