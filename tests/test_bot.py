@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from codexnet.manager.hub import Hub
 from codexnet.manager.service import run_manager
 from codexnet.manager.telegram import TelegramFatal
 from tests.fakes.stack import BOT_TOKEN, USER, manager_config
-from tests.fakes.telegram_api import FakeTelegram
+from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
 
 
 @pytest.fixture
@@ -124,3 +126,20 @@ async def test_unknown_commands_and_non_text_messages_get_a_hint(
         "Unknown command /frobnicate. Try /help.",
         "I can only read text messages for now.",
     ]
+
+
+async def test_start_up_waits_out_an_unreachable_telegram(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeTelegram(BOT_TOKEN)  # in memory, so the backoffs take virtual time only
+    fake.drop_next("deleteWebhook", times=8)  # more than one call's own retries
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        await nursery.start(
+            partial(
+                run_manager, manager_config(MOCK_BASE_URL, tmp_path), transport=fake.transport()
+            )
+        )
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - started > 31  # it kept trying past the first give-up
+    assert fake.commands[0]["command"] == "start"

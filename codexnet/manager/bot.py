@@ -61,13 +61,7 @@ class Bot:
         self.conversations = Conversations(config, hub, store, self._replies, self.grace)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self._tg.call("deleteWebhook", {"drop_pending_updates": False})
-        me = await self._tg.call("getMe")
-        self.username = str(me.get("username", ""))
-        await self._tg.call(
-            "setMyCommands",
-            {"commands": [{"command": c, "description": d} for c, d in COMMANDS]},
-        )
+        await self._start_up()
         log.info(
             "Telegram bot @%s ready; %d user(s) allowed",
             self.username,
@@ -80,7 +74,32 @@ class Bot:
             self.conversations.nursery = nursery
             self.conversations.start_adopted()
             nursery.start_soon(self._bound_shutdown)
-            await self._poll(nursery)
+            await self._poll()
+
+    async def _start_up(self) -> None:
+        """deleteWebhook, getMe, setMyCommands; retried while Telegram is unreachable.
+
+        At boot the network may not be up yet: keep trying (the hub already
+        serves proxies meanwhile). A wrong token is fatal at once.
+        """
+        failures = 0
+        while True:
+            try:
+                await self._tg.call("deleteWebhook", {"drop_pending_updates": False})
+                me = await self._tg.call("getMe")
+                self.username = str(me.get("username", ""))
+                await self._tg.call(
+                    "setMyCommands",
+                    {"commands": [{"command": c, "description": d} for c, d in COMMANDS]},
+                )
+                return
+            except TelegramFatal:
+                raise
+            except TelegramError as exc:
+                delay = POLL_BACKOFF_S[min(failures, len(POLL_BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("Telegram start-up failed (%s); retrying in %.0f s", exc, delay)
+                await trio.sleep(delay)
 
     async def _bound_shutdown(self) -> None:
         """On shutdown, give protected steps `SHUTDOWN_GRACE_S` to finish."""
@@ -89,7 +108,7 @@ class Bot:
         finally:
             self.grace.begin()
 
-    async def _poll(self, nursery: trio.Nursery) -> None:
+    async def _poll(self) -> None:
         offset = self._store.offset
         failures = 0
         try:

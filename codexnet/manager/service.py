@@ -27,15 +27,19 @@ log = logging.getLogger(__name__)
 async def run_manager(
     config: ManagerConfig,
     *,
+    transport: httpx.AsyncBaseTransport | None = None,
     task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the hub and the bot until cancelled; `started(hub)` once both are up."""
+    """Run the hub and the bot until cancelled; `started(hub)` once both are up.
+
+    `transport` replaces the network for the Bot API (tests run it in memory).
+    """
     store = StateStore(config.state_dir)
     store.load()
     hub = Hub(config.proxies)
     host, port = config.manager_ws_listen
     assert config.telegram_bot_token is not None
-    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+    async with httpx.AsyncClient(transport=transport) as http, trio.open_nursery() as nursery:
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)
         bot = Bot(config, tg, hub, store)
         bot.conversations.adopt_journal()  # before serving: proxies' hellos must find them
