@@ -15,19 +15,11 @@ import trio
 
 from tests.fakes.codex_env import require_codex, write_codex_home
 from tests.fakes.responses_api import FakeResponsesAPI
-from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER
+from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER, free_port
 from tests.fakes.telegram_api import FakeTelegram
 
 pytestmark = pytest.mark.e2e
 PROXY2_TOKEN = "proxy2-secret-token-9876543210"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

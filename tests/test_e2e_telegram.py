@@ -7,7 +7,6 @@ sockets, so the real clock, with deadlines instead of sleeps.
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import trio
 
 from tests.fakes.responses_api import long_text
-from tests.fakes.stack import STRANGER, USER, Stack, open_stack
+from tests.fakes.stack import STRANGER, USER, Stack, free_port, open_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -140,12 +139,6 @@ async def test_a_message_sent_while_the_proxy_connects_waits_for_it(stack: Stack
             with trio.fail_after(60):
                 await stack.telegram.wait_until(lambda: "Echo: early bird (turn 1)" in texts(stack))
     assert texts(stack) == ["Echo: early bird (turn 1)"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_an_answer_survives_a_manager_restart_mid_task(stack: Stack) -> None:

@@ -6,6 +6,7 @@ on 127.0.0.1; the real manager; a real proxy driving the real `codex` binary.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,13 @@ BOT_TOKEN = "123456789:TEST-bot-token-abcdefghijklmnopqrstuvwxyz"
 PROXY_TOKEN = "proxy1-secret-token-0123456789"
 USER = 1001
 STRANGER = 2002
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for a manager that must keep it across restarts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def manager_config(base_url: str, state_dir: Path, **changes: Any) -> ManagerConfig:
