@@ -18,7 +18,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from codexnet.manager.telegram import TelegramClient, TelegramError
+from codexnet.manager.telegram import NO_KEYBOARD, TelegramClient, TelegramError
 from codexnet.protocol import ApprovalRequest
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Approvals:
                     "chat_id": pending.chat_id,
                     "message_id": pending.message_id,
                     "text": f"{pending.text}\n\n{outcome}",
-                    "reply_markup": {"inline_keyboard": []},
+                    "reply_markup": NO_KEYBOARD,
                 },
             )
         except TelegramError as exc:

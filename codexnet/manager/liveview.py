@@ -25,7 +25,12 @@ from typing import Any, Final
 
 import trio
 
-from codexnet.manager.telegram import MAX_ATTEMPTS, TelegramClient, TelegramError
+from codexnet.manager.telegram import (
+    MAX_ATTEMPTS,
+    NO_KEYBOARD,
+    TelegramClient,
+    TelegramError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,6 @@ def format_elapsed(seconds: float) -> str:
 
 def cancel_keyboard(data: str) -> dict[str, Any]:
     return {"inline_keyboard": [[{"text": "⏹ Cancel", "callback_data": data}]]}
-
-
-NO_KEYBOARD: Final[dict[str, Any]] = {"inline_keyboard": []}
 
 
 class LiveView:
@@ -77,7 +79,6 @@ class LiveView:
         self.step = "starting"
         self.status_message_id: int | None = None
         self.last_shown = ""
-        self.updates = 0  # live updates sent: a figure for tests and bench/
 
     # -------------------------------------------------------------- inputs
 
@@ -115,7 +116,6 @@ class LiveView:
                 continue
             if await self._show(shown):
                 self.last_shown = shown
-                self.updates += 1
                 last_draft = trio.current_time()
             next_allowed = trio.current_time() + self.interval
 

@@ -57,7 +57,6 @@ class RateLimiter:
         self._chats: dict[int, _Bucket] = {}
         self._paused_until: dict[int, float] = {}
         self._global_paused_until = 0.0
-        self.waits = 0  # how often a request had to wait: a figure for bench/
 
     def _bucket(self, chat_id: int) -> _Bucket:
         bucket = self._chats.get(chat_id)
@@ -84,7 +83,6 @@ class RateLimiter:
         A paused chat gets nothing at all inside its window, chat actions
         included; only requests that `counts` (messages, edits) use its bucket.
         """
-        waited = False
         while True:
             now = trio.current_time()
             at = max(self._global.ready_at(now), self._global_paused_until)
@@ -96,7 +94,5 @@ class RateLimiter:
                 self._global.take()
                 if chat_id is not None and counts:
                     self._bucket(chat_id).take()
-                self.waits += waited
                 return
-            waited = True
             await trio.sleep_until(at)

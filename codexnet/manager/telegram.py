@@ -42,6 +42,10 @@ CHAT_LIMITED: Final = frozenset(
 )
 
 
+# reply_markup that removes a message's inline buttons.
+NO_KEYBOARD: Final[dict[str, Any]] = {"inline_keyboard": []}
+
+
 class TelegramError(Exception):
     def __init__(self, method: str, code: int, description: str) -> None:
         super().__init__(f"{method}: {code} {description}")

@@ -94,7 +94,6 @@ class ProxyService:
         self._outbox: dict[str, TaskResult] = {}
         self._capacity = trio.Semaphore(config.capacity)
         self._approval_counter = 0
-        self.connected = trio.Event()
         self._ssl_context = config.ssl_context()
 
     async def run(self) -> None:
@@ -126,7 +125,6 @@ class ProxyService:
                 log.error("manager sent a bad frame: %s", _first(group))
             finally:
                 self._ws = None
-                self.connected = trio.Event()
             if refused is not None:
                 raise ProxyRefused(refused)
             delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
@@ -144,7 +142,6 @@ class ProxyService:
             "connected to the manager at %s as %r", self._config.manager_ws, self._config.proxy_id
         )
         self._ws = ws
-        self.connected.set()
         await self._replay()
         while True:
             frame = decode_manager_frame(await ws.get_message())
