@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import trio
 
+from codexnet.backoff import backoff
 from codexnet.config import ManagerConfig
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.grace import ShutdownGrace
@@ -96,7 +97,7 @@ class Bot:
             except TelegramFatal:
                 raise
             except TelegramError as exc:
-                delay = POLL_BACKOFF_S[min(failures, len(POLL_BACKOFF_S) - 1)]
+                delay = backoff(POLL_BACKOFF_S, failures)
                 failures += 1
                 log.warning("Telegram start-up failed (%s); retrying in %.0f s", exc, delay)
                 await trio.sleep(delay)
@@ -124,7 +125,7 @@ class Bot:
                 except TelegramFatal:
                     raise
                 except TelegramError as exc:
-                    delay = POLL_BACKOFF_S[min(failures, len(POLL_BACKOFF_S) - 1)]
+                    delay = backoff(POLL_BACKOFF_S, failures)
                     failures += 1
                     log.warning(
                         "getUpdates failed (%s); retrying in %.0f s", exc.description, delay

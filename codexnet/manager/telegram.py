@@ -23,6 +23,7 @@ from typing import Any, Final
 import httpx
 import trio
 
+from codexnet.backoff import backoff
 from codexnet.manager.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class TelegramClient:
                 failure = f"{code} {description}"
             if attempt + 1 >= attempts:
                 raise TelegramError(method, 0, f"giving up after {attempts} attempts: {failure}")
-            delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+            delay = backoff(RETRY_BACKOFF_S, attempt)
             log.warning("Telegram %s failed (%s); retrying in %.0f s", method, failure, delay)
             await trio.sleep(delay)
         raise TelegramError(method, 429, "still rate limited after retries")

@@ -26,6 +26,7 @@ import attrs
 import trio
 
 import codexnet
+from codexnet.backoff import backoff
 from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
 from codexnet.proxy import server_requests
@@ -140,7 +141,7 @@ class AppServer:
         while True:
             ran_ok = await self._run_child_once()
             failures = 0 if ran_ok else failures + 1
-            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            delay = backoff(RESTART_BACKOFF_S, failures)
             log.warning("restarting codex app-server in %.0f s", delay)
             await trio.sleep(delay)
             self.restarts += 1

@@ -25,6 +25,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 import codexnet
+from codexnet.backoff import backoff
 from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
 from codexnet.events import wait_first
@@ -127,7 +128,7 @@ class ProxyService:
                 self._ws = None
             if refused is not None:
                 raise ProxyRefused(refused)
-            delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+            delay = backoff(RECONNECT_BACKOFF_S, failures)
             failures += 1
             # Jitter spreads a fleet of proxies reconnecting after a manager restart.
             await trio.sleep(delay * random.uniform(0.7, 1.3))
