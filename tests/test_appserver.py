@@ -173,3 +173,18 @@ async def test_shutdown_stops_the_child(tmp_path: Path) -> None:
     assert child.process.returncode is not None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_a_child_that_dies_before_initialize_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("codexnet.proxy.appserver.READY_WAIT_S", 1.0)
+    broken = tmp_path / "broken-codex"
+    broken.write_text("#!/bin/sh\necho 'error: unknown flag' >&2\nexit 7\n")
+    broken.chmod(0o755)
+    server = AppServer(proxy_config(tmp_path, str(broken)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        with pytest.raises(AppServerUnavailable, match=r"failed to initialize.*\(exit code 7\)"):
+            await run(server, "hello")
+        nursery.cancel_scope.cancel()

@@ -211,7 +211,10 @@ class AppServer:
                         await self._stop_gracefully(process)
                     nursery.cancel_scope.cancel()
             code = process.returncode
-            self._last_error = f"app-server exited with code {code}"
+            if initialized:
+                self._last_error = f"app-server exited with code {code}"
+            else:  # keep why initialize failed; that is what a task will report
+                self._last_error = f"{self._last_error} (exit code {code})"
             log.error("%s", self._last_error)
         except* OSError as group:
             error = first_leaf(group)
