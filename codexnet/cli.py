@@ -14,6 +14,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_REFUSED = 3
+EXIT_STATE = 4  # the state database or its directory cannot be used
 
 
 def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -25,7 +26,8 @@ def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def run_service(
-    main: Callable[[], Awaitable[object]], fatal: type[BaseException]
+    main: Callable[[], Awaitable[object]],
+    fatal: type[BaseException] | tuple[type[BaseException], ...],
 ) -> BaseException | None:
     """Run `main` until a signal; the `fatal` error it ended with, if any (unwrapped)."""
     caught: list[BaseException] = []

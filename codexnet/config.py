@@ -62,6 +62,8 @@ class ManagerConfig:
     live_interval_group_s: float
     use_drafts: bool
     approval_timeout_s: float
+    heartbeat_timeout_s: float = 30.0
+    delivery_give_up_s: float = 86400.0
     manager_tls_cert: Path | None = None
     manager_tls_key: Path | None = None
 
@@ -94,6 +96,8 @@ class ProxyConfig:
     http_proxy: str | None
     https_proxy: str | None
     no_proxy: str | None
+    state_dir: Path = Path("state/proxy")
+    heartbeat_timeout_s: float = 30.0
     manager_ca_file: Path | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -198,6 +202,12 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise self.error(key, "expected a number of at least 0")
         return float(value)
+
+    def heartbeat(self, key: str, value: Any) -> float:
+        seconds = self.positive_number(key, value)
+        if not 3 <= seconds <= 3600:
+            raise self.error(key, "expected 3..3600 seconds")
+        return seconds
 
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):
@@ -328,6 +338,8 @@ def load_manager_config(
         live_interval_group_s=r.get("live_interval_group_s", r.positive_number, 3.0),
         use_drafts=r.get("use_drafts", r.boolean, True),
         approval_timeout_s=r.get("approval_timeout_s", r.positive_number, 600.0),
+        heartbeat_timeout_s=r.get("heartbeat_timeout_s", r.heartbeat, 30.0),
+        delivery_give_up_s=r.get("delivery_give_up_s", r.positive_number, 86400.0),
         manager_tls_cert=r.get("manager_tls_cert", r.existing_file, None),
         manager_tls_key=r.get("manager_tls_key", r.existing_file, None),
     )
@@ -373,10 +385,11 @@ def load_proxy_config(
         # Codex accepts a missing cwd and then fails every shell command: catch it here.
         raise r.error("codex_cwd", f"{str(cwd)!r} is not a directory")
 
+    proxy_id = r.require("proxy_id", r.string)
     config = ProxyConfig(
         source=str(file),
         manager_ws=manager_ws,
-        proxy_id=r.require("proxy_id", r.string),
+        proxy_id=proxy_id,
         proxy_token=token,
         codex_cwd=cwd,
         codex_bin=r.get("codex_bin", r.string, "codex"),
@@ -387,6 +400,8 @@ def load_proxy_config(
         http_proxy=r.get("http_proxy", r.string, None),
         https_proxy=r.get("https_proxy", r.string, None),
         no_proxy=r.get("no_proxy", r.string, None),
+        state_dir=Path(r.get("state_dir", r.string, f"state/proxy-{proxy_id}")).expanduser(),
+        heartbeat_timeout_s=r.get("heartbeat_timeout_s", r.heartbeat, 30.0),
         manager_ca_file=r.get("manager_ca_file", r.existing_file, None),
     )
     r.check_unknown()

@@ -6,9 +6,17 @@ because both ends are ours: a mismatch means a version skew or a bug and must
 be loud. All decode failures become one `ProtocolError` at this boundary —
 cattrs raises exception groups, which must never reach a nursery.
 
-Delivery (docs/ARCHITECTURE.md): task ids are chosen by the manager and are
-idempotent; task events carry a per-task `seq` so duplicates can be dropped; a
-result stays in the proxy's outbox until the manager's `result_ack`.
+Delivery (docs/ARCHITECTURE.md): every frame that must arrive is sent again
+until the other side acknowledges it, and its receiver applies it once:
+
+    task              → task_ack      (task id, chosen by the manager)
+    task_result       → result_ack
+    task_cancel       → cancel_ack
+    approval_decision → decision_ack  ((task id, approval id))
+
+`task_event`s carry a per-task `seq`; after a reconnect the proxy sends the
+whole text again as one `snapshot`. `approval_request`s are re-sent after every
+reconnect while open; the manager keys them by (task id, approval id).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import attrs
 import cattrs
 from cattrs.strategies import configure_tagged_union
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 
 # WebSocket close codes (4000-4999 are for applications).
@@ -100,6 +108,19 @@ class TaskResult:
 
 
 @attrs.frozen
+class CancelAck:
+    task_id: str
+    type: Literal["cancel_ack"] = "cancel_ack"
+
+
+@attrs.frozen
+class DecisionAck:
+    task_id: str
+    approval_id: str
+    type: Literal["decision_ack"] = "decision_ack"
+
+
+@attrs.frozen
 class Load:
     running: int
     capacity: int
@@ -121,6 +142,8 @@ class Task:
     chat_id: int
     prompt: str
     thread_id: str | None = None  # None: start a new Codex thread
+    # Counted by the proxy from when it accepts the task (time queued behind
+    # its capacity included), so the manager's own deadline can follow it.
     timeout_s: float = 1800.0
     type: Literal["task"] = "task"
 
@@ -145,7 +168,9 @@ class ResultAck:
     type: Literal["result_ack"] = "result_ack"
 
 
-ProxyFrame = Hello | TaskAck | TaskEvent | ApprovalRequest | TaskResult | Load
+ProxyFrame = (
+    Hello | TaskAck | TaskEvent | ApprovalRequest | TaskResult | CancelAck | DecisionAck | Load
+)
 ManagerFrame = Welcome | Task | TaskCancel | ApprovalDecision | ResultAck
 Frame = ProxyFrame | ManagerFrame
 

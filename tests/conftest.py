@@ -8,7 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
+from codexnet.manager.outbox import Outbox
+from codexnet.manager.replies import Replies
 from codexnet.manager.telegram import TelegramClient
 from tests.fakes.stack import BOT_TOKEN, USER
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
@@ -36,3 +39,18 @@ def fake() -> FakeTelegram:
 async def tg(fake: FakeTelegram) -> AsyncIterator[TelegramClient]:
     async with httpx.AsyncClient(transport=fake.transport()) as http:
         yield TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN)
+
+
+@pytest.fixture
+async def outbox(tg: TelegramClient, nursery: trio.Nursery) -> Outbox:
+    """The real outbox over the in-memory fake, its scheduler running in the test's nursery."""
+    box = Outbox(tg)
+    await nursery.start(box.run)
+    return box
+
+
+@pytest.fixture
+def replies(outbox: Outbox, nursery: trio.Nursery) -> Replies:
+    replies = Replies(outbox)
+    replies.nursery = nursery
+    return replies

@@ -36,6 +36,7 @@ def proxy_config(tmp_path: Path, codex_bin: str) -> ProxyConfig:
         http_proxy=None,
         https_proxy=None,
         no_proxy=None,
+        state_dir=tmp_path / "proxy-state",
     )
 
 

@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from codexnet.manager.hub import Hub
-from codexnet.manager.service import run_manager
+from codexnet.db import StateError
+from codexnet.manager.service import Manager, run_manager
 from codexnet.manager.telegram import TelegramFatal
 from tests.fakes.stack import BOT_TOKEN, USER, manager_config
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
@@ -37,20 +37,43 @@ async def test_a_wrong_token_stops_the_manager_with_a_clear_error(
         await run_manager(config)
 
 
-async def test_another_poller_is_a_clear_fatal_error(fake: FakeTelegram, tmp_path: Path) -> None:
+async def test_another_poller_never_stops_the_manager_and_is_logged_once_a_minute(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeTelegram(BOT_TOKEN)  # in memory: minutes of backoff take no wall time
+    fake.add_chat(USER)
     fake.fail_next(
         "getUpdates",
         error_code=409,
         description="Conflict: terminated by other getUpdates request; "
         "make sure that only one bot instance is running",
+        times=60,
     )
-    with (
-        trio.fail_after(10),
-        pytest.RaisesGroup(
-            pytest.RaisesExc(TelegramFatal, match="only one bot instance"), flatten_subgroups=True
-        ),
-    ):
-        await run_manager(manager_config(fake.base_url, tmp_path))
+    config = manager_config(MOCK_BASE_URL, tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_manager, config, transport=fake.transport()))
+        start = trio.current_time()
+        with trio.fail_after(3600):
+            await fake.wait_until(lambda: fake.stats.conflicts >= 60)
+        minutes = (trio.current_time() - start) / 60
+        fake.push_message(USER, "/help")  # the other one stopped: this one takes over
+        with trio.fail_after(120):
+            await fake.wait_until(lambda: bool(fake.messages(USER)))
+        nursery.cancel_scope.cancel()
+    lines = [r for r in caplog.records if "another instance is polling" in r.getMessage()]
+    assert 1 <= len(lines) <= minutes + 1
+    assert "only one bot instance" in lines[0].getMessage()
+
+
+async def test_a_second_manager_on_the_same_state_dir_is_refused(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    config = manager_config(fake.base_url, tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_manager, config)
+        with trio.fail_after(10), pytest.raises(StateError, match="another codexnet manager"):
+            await run_manager(config)
+        nursery.cancel_scope.cancel()
 
 
 async def test_start_up_clears_a_webhook_and_registers_commands(
@@ -67,7 +90,6 @@ async def test_start_up_clears_a_webhook_and_registers_commands(
         nursery.cancel_scope.cancel()
     assert fake.webhook_url is None
     assert [c["command"] for c in fake.commands] == [
-        "start",
         "use",
         "reset",
         "cancel",
@@ -94,8 +116,8 @@ async def test_the_offset_is_confirmed_on_shutdown_and_survives_a_restart(
     assert fake.pending_updates == []
     # A new manager does not answer /start again.
     async with trio.open_nursery() as nursery:
-        hub: Hub = await nursery.start(run_manager, config)
-        assert hub.online == {}
+        manager: Manager = await nursery.start(run_manager, config)
+        assert manager.hub.online == {}
         fake.push_message(USER, "/status")
         with trio.fail_after(10):
             await fake.wait_until(lambda: len(fake.messages(USER)) == 2)
@@ -142,4 +164,4 @@ async def test_start_up_waits_out_an_unreachable_telegram(
         )
         nursery.cancel_scope.cancel()
     assert trio.current_time() - started > 31  # it kept trying past the first give-up
-    assert fake.commands[0]["command"] == "start"
+    assert fake.commands[0]["command"] == "use"

@@ -18,25 +18,28 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from codexnet.config import ProxyEntry
-from codexnet.manager.hub import Hub, TaskHandle
-from codexnet.protocol import CLOSE_BAD_FRAME, CLOSE_UNAUTHORIZED
+from codexnet.manager.dispatcher import Dispatcher
+from codexnet.manager.hub import Hub
+from codexnet.manager.service import open_store
+from codexnet.manager.store import TaskRecord
+from codexnet.protocol import CLOSE_BAD_FRAME, CLOSE_UNAUTHORIZED, PROTOCOL_VERSION
 from codexnet.proxy.appserver import AppServer
 from codexnet.proxy.service import ProxyRefused, ProxyService
 from codexnet.wsclient import connect_websocket
+from tests.fakes.hubrun import HubRunner, open_hub
 from tests.test_appserver import fake_codex, proxy_config
 
 PROXIES = {"p1": ProxyEntry("right-token-p1", ("gpu",)), "p2": ProxyEntry("right-token-p2")}
 
 
 @pytest.fixture
-async def hub(nursery: trio.Nursery) -> Hub:
-    hub = Hub(PROXIES)
-    await nursery.start(hub.serve, "127.0.0.1", 0)
-    return hub
+async def hub() -> AsyncIterator[HubRunner]:
+    async with open_hub(PROXIES) as runner:
+        yield runner
 
 
 def make_proxy(
-    tmp_path: Path, hub: Hub, proxy_id: str = "p1", token: str = "right-token-p1"
+    tmp_path: Path, hub: HubRunner, proxy_id: str = "p1", token: str = "right-token-p1"
 ) -> ProxyService:
     config = attrs.evolve(
         proxy_config(tmp_path, fake_codex(tmp_path)),
@@ -48,23 +51,22 @@ def make_proxy(
 
 
 @pytest.fixture
-async def proxy(tmp_path: Path, hub: Hub) -> AsyncIterator[ProxyService]:
+async def proxy(tmp_path: Path, hub: HubRunner) -> AsyncIterator[ProxyService]:
     service = make_proxy(tmp_path, hub)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service.run)
         with trio.fail_after(20):
-            await hub.wait_online("p1")
+            await hub.hub.wait_online("p1")
         yield service
         nursery.cancel_scope.cancel()
 
 
-async def test_a_registered_proxy_runs_a_task(hub: Hub, proxy: ProxyService) -> None:
-    conn = hub.online["p1"]
+async def test_a_registered_proxy_runs_a_task(hub: HubRunner, proxy: ProxyService) -> None:
+    conn = hub.hub.online["p1"]
     assert conn.labels == ("gpu",)
     assert conn.capacity == 2
-    updates: list[str] = []
     with trio.fail_after(20):
-        result = await hub.run_task("p1", "hello", on_update=lambda h: updates.append(h.text))
+        result = await hub.run_task("p1", "hello")
     assert result.status == "completed"
     assert result.text == "Echo: hello"
     assert result.thread_id
@@ -74,7 +76,7 @@ async def test_a_registered_proxy_runs_a_task(hub: Hub, proxy: ProxyService) -> 
 
 
 async def test_wrong_token_is_refused_and_logged_without_the_token(
-    tmp_path: Path, hub: Hub, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, hub: HubRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     service = make_proxy(tmp_path, hub, token="wrong-token-xyz")
@@ -85,13 +87,13 @@ async def test_wrong_token_is_refused_and_logged_without_the_token(
         ),
     ):
         await service.run()
-    assert "p1" not in hub.online
+    assert "p1" not in hub.hub.online
     assert "refusing proxy 'p1'" in caplog.text
     assert "wrong-token-xyz" not in caplog.text
     assert "right-token-p1" not in caplog.text
 
 
-async def test_unknown_proxy_is_refused(tmp_path: Path, hub: Hub) -> None:
+async def test_unknown_proxy_is_refused(tmp_path: Path, hub: HubRunner) -> None:
     service = make_proxy(tmp_path, hub, proxy_id="intruder")
     with (
         trio.fail_after(20),
@@ -102,7 +104,7 @@ async def test_unknown_proxy_is_refused(tmp_path: Path, hub: Hub) -> None:
         await service.run()
 
 
-async def test_a_bad_frame_closes_that_connection_only(hub: Hub, proxy: ProxyService) -> None:
+async def test_a_bad_frame_closes_that_connection_only(hub: HubRunner, proxy: ProxyService) -> None:
     url = f"ws://127.0.0.1:{hub.port}"
     for raw in ("not json", '{"type": "hello"}', '{"type": "task", "task_id": "x"}'):
         with trio.fail_after(10):
@@ -115,7 +117,8 @@ async def test_a_bad_frame_closes_that_connection_only(hub: Hub, proxy: ProxySer
     # A wrong token from a raw client gets its own close code.
     async with connect_websocket(url) as ws:
         await ws.send_message(
-            '{"type":"hello","proxy_id":"p2","token":"nope","protocol":1,"capacity":1}'
+            '{"type":"hello","proxy_id":"p2","token":"nope","protocol":'
+            f'{PROTOCOL_VERSION},"capacity":1}}'
         )
         with pytest.raises(ConnectionClosed) as info:
             await ws.get_message()
@@ -127,42 +130,19 @@ async def test_a_bad_frame_closes_that_connection_only(hub: Hub, proxy: ProxySer
     assert result.text == "Echo: still here"
 
 
-async def test_a_dropped_socket_loses_no_result(
-    hub: Hub, proxy: ProxyService, nursery: trio.Nursery
-) -> None:
-    handles: list[TaskHandle] = []
-    got_handle = trio.Event()
-    results = []
-    done = trio.Event()
-
-    def on_handle(handle: TaskHandle) -> None:
-        handles.append(handle)
-        got_handle.set()
-
-    async def run() -> None:
-        results.append(await hub.run_task("p1", "slow", on_handle=on_handle))
-        done.set()
-
-    nursery.start_soon(run)
+async def test_a_dropped_socket_loses_no_result(hub: HubRunner, proxy: ProxyService) -> None:
     with trio.fail_after(20):
-        await got_handle.wait()
-        await handles[0].acked.wait()
-        first = hub.online["p1"]
+        task = await hub.start_task("p1", "slow")
+        while task.state != "acked":
+            await task.changed.wait()
+        first = hub.hub.online["p1"]
         await first.ws.aclose()  # the network drops mid-task
         await first.closed.wait()
-        second = await hub.wait_online("p1")  # the proxy reconnects by itself
-        await done.wait()
+        second = await hub.hub.wait_online("p1")  # the proxy reconnects by itself
+        result = await hub.wait(task)
     assert second is not first
-    assert len(results) == 1
-    assert results[0].text == "Echo: slow"
-    assert results[0].status == "completed"
-
-
-async def test_offline_proxy_fails_fast(hub: Hub) -> None:
-    from codexnet.manager.hub import TaskFailed
-
-    with pytest.raises(TaskFailed, match="proxy p2 is offline"):
-        await hub.run_task("p2", "hello")
+    assert result.text == "Echo: slow"
+    assert result.status == "completed"
 
 
 async def test_wss_with_the_managers_own_ca(
@@ -178,10 +158,11 @@ async def test_wss_with_the_managers_own_ca(
     ca.cert_pem.write_to_path(str(ca_file))
 
     hub = Hub(PROXIES)
-    async with trio.open_nursery() as nursery:
+    async with open_store(":memory:") as store, trio.open_nursery() as nursery:
+        runner = HubRunner(hub, store, Dispatcher(store, hub))
         await nursery.start(partial(hub.serve, "127.0.0.1", 0, ssl_context=server_ssl))
         # Without the CA the proxy cannot verify the manager, says so, and keeps trying.
-        untrusting = make_proxy(tmp_path, hub)
+        untrusting = make_proxy(tmp_path, runner)
         untrusting = ProxyService(
             attrs.evolve(untrusting._config, manager_ws=f"wss://127.0.0.1:{hub.port}"),
             untrusting._app,
@@ -192,7 +173,7 @@ async def test_wss_with_the_managers_own_ca(
         assert "certificate verify failed" in caplog.text
         assert hub.online == {}
         # With manager_ca_file it connects and works.
-        base = make_proxy(tmp_path, hub)
+        base = make_proxy(tmp_path, runner)
         config = attrs.evolve(
             base._config, manager_ws=f"wss://127.0.0.1:{hub.port}", manager_ca_file=ca_file
         )
@@ -200,12 +181,12 @@ async def test_wss_with_the_managers_own_ca(
         nursery.start_soon(service.run)
         with trio.fail_after(20):
             await hub.wait_online("p1")
-            result = await hub.run_task("p1", "over tls")
+            result = await runner.run_task("p1", "over tls")
         assert result.text == "Echo: over tls"
         nursery.cancel_scope.cancel()
 
 
-async def test_a_task_beyond_capacity_waits_and_says_so(tmp_path: Path, hub: Hub) -> None:
+async def test_a_task_beyond_capacity_waits_and_says_so(tmp_path: Path, hub: HubRunner) -> None:
     base = make_proxy(tmp_path, hub)
     config = attrs.evolve(base._config, capacity=1)
     service = ProxyService(config, AppServer(config))
@@ -213,18 +194,17 @@ async def test_a_task_beyond_capacity_waits_and_says_so(tmp_path: Path, hub: Hub
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service.run)
         with trio.fail_after(20):
-            await hub.wait_online("p1")
-        results = []
-
-        async def run(prompt: str, **kw: object) -> None:
-            results.append(await hub.run_task("p1", prompt, **kw))  # type: ignore[arg-type]
-
-        first_running = trio.Event()
+            await hub.hub.wait_online("p1")
         with trio.fail_after(30):
-            async with trio.open_nursery() as tasks:
-                tasks.start_soon(partial(run, "slow", on_update=lambda h: first_running.set()))
-                await first_running.wait()  # it streams, so it holds the only slot
-                tasks.start_soon(partial(run, "second", on_update=lambda h: steps.append(h.step)))
+            first = await hub.start_task("p1", "slow")
+            while not first.text:  # it streams, so it holds the only slot
+                await first.changed.wait()
+            second = await hub.start_task("p1", "second")
+
+            def record(task: TaskRecord) -> None:
+                steps.append(task.step)
+
+            results = [await hub.wait(second, record), await hub.wait(first)]
         nursery.cancel_scope.cancel()
     assert sorted(r.text for r in results) == ["Echo: second", "Echo: slow"]
     assert "queued: all 1 slots of this machine are busy" in steps

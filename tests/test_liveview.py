@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
 import trio
 import trio.testing
 
-from codexnet.manager.approvals import Approvals
 from codexnet.manager.liveview import SHOW_AFTER_S, LiveView
+from codexnet.manager.outbox import Outbox
 from codexnet.manager.telegram import TelegramClient
-from codexnet.protocol import ApprovalRequest
 from tests.conftest import GROUP
 from tests.fakes.stack import USER
 from tests.fakes.telegram_api import FakeTelegram
@@ -38,11 +36,11 @@ async def stream(view: LiveView, seconds: int, per_second: int = 20) -> None:
 
 async def test_private_view_updates_at_most_once_a_second_with_the_newest_text(
     fake: FakeTelegram,
-    tg: TelegramClient,
+    outbox: Outbox,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
+    view = LiveView(outbox, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
     await show(nursery, view)
     await stream(view, 10)
     await trio.sleep(2)
@@ -62,11 +60,11 @@ async def test_private_view_updates_at_most_once_a_second_with_the_newest_text(
 
 async def test_group_view_edits_at_most_every_3_s(
     fake: FakeTelegram,
-    tg: TelegramClient,
+    outbox: Outbox,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
+    view = LiveView(outbox, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
     await show(nursery, view)
     await stream(view, 30)
     edits = requests_to(fake, "editMessageText", GROUP)
@@ -81,11 +79,11 @@ async def test_group_view_edits_at_most_every_3_s(
 
 async def test_nothing_is_sent_when_nothing_changes(
     fake: FakeTelegram,
-    tg: TelegramClient,
+    outbox: Outbox,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
+    view = LiveView(outbox, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
     await show(nursery, view)
     view.update("same", "thinking")
     await trio.sleep(4)
@@ -101,11 +99,11 @@ async def test_nothing_is_sent_when_nothing_changes(
 
 async def test_a_429_pauses_the_chat_and_nothing_goes_out_inside_the_window(
     fake: FakeTelegram,
-    tg: TelegramClient,
+    outbox: Outbox,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
+    view = LiveView(outbox, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
     await show(nursery, view)
     fake.fail_next("sendMessageDraft", error_code=429, retry_after=30)
     await stream(view, 40)
@@ -119,13 +117,13 @@ async def test_a_429_pauses_the_chat_and_nothing_goes_out_inside_the_window(
 
 async def test_a_refused_draft_falls_back_to_editing(
     fake: FakeTelegram,
-    tg: TelegramClient,
+    outbox: Outbox,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     refused: list[bool] = []
     view = LiveView(
-        tg,
+        outbox,
         USER,
         "proxy1",
         interval=1.0,
@@ -146,10 +144,11 @@ async def test_a_refused_draft_falls_back_to_editing(
 async def test_a_deleted_status_message_is_sent_again(
     fake: FakeTelegram,
     tg: TelegramClient,
+    outbox: Outbox,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    view = LiveView(tg, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
+    view = LiveView(outbox, GROUP, "proxy1", interval=3.0, use_draft=False, cancel_data="c:1")
     await show(nursery, view)
     assert view.status_message_id is not None
     await tg.call("deleteMessage", {"chat_id": GROUP, "message_id": view.status_message_id})
@@ -160,50 +159,11 @@ async def test_a_deleted_status_message_is_sent_again(
 
 
 async def test_a_quick_task_gets_no_live_view_at_all(
-    fake: FakeTelegram, tg: TelegramClient, autojump_clock: trio.testing.MockClock
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
 ) -> None:
-    view = LiveView(tg, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
+    view = LiveView(outbox, USER, "proxy1", interval=1.0, use_draft=True, cancel_data="c:1")
     with trio.move_on_after(SHOW_AFTER_S * 0.9):  # the answer came back this fast
         await view.run()
     assert fake.requests == []
-    await view.finish("✅ Done")  # nothing to edit either
+    await view.finish("✅ Done", until=trio.current_time() + 60)  # nothing to edit either
     assert fake.requests == []
-
-
-async def test_an_unanswered_approval_is_denied_after_the_timeout(
-    fake: FakeTelegram,
-    tg: TelegramClient,
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    decided: list[tuple[str, str, str]] = []
-
-    async def decide(task_id: str, approval_id: str, decision: str) -> bool:
-        decided.append((task_id, approval_id, decision))
-        return True
-
-    approvals = Approvals(tg, decide, timeout_s=600)
-    request = ApprovalRequest("t1", "a1", "command", "rm -rf build", "in /srv")
-    start = trio.current_time()
-    await approvals.ask(USER, request)
-    assert trio.current_time() - start == pytest.approx(600, abs=1)
-    assert decided == [("t1", "a1", "decline")]
-    [question] = fake.messages(USER)
-    assert question.text == (
-        "🔐 Codex wants to run:\n\nrm -rf build\n\nin /srv\n\n⌛ No answer within 10 min: denied."
-    )
-    assert question.reply_markup in (None, {"inline_keyboard": []})
-
-
-async def test_a_stale_press_gets_a_toast(
-    fake: FakeTelegram,
-    tg: TelegramClient,
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async def decide(task_id: str, approval_id: str, decision: str) -> bool:
-        return True
-
-    approvals = Approvals(tg, decide, timeout_s=600)
-    await approvals.on_press({"id": "q1", "from": {"id": USER}}, "zz", "y")
-    assert [r.params for r in fake.requests if r.method == "answerCallbackQuery"] == [
-        {"callback_query_id": "q1", "text": "This request is no longer pending."}
-    ]

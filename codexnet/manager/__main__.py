@@ -16,11 +16,19 @@ from pathlib import Path
 import attrs
 import trio
 
-from codexnet.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, run_service, run_until_signal
+from codexnet.cli import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STATE,
+    run_service,
+    run_until_signal,
+)
 from codexnet.config import DEFAULT_MANAGER_CONFIG, ConfigError, load_manager_config, parse_listen
+from codexnet.db import StateError
 from codexnet.logs import setup_logging
-from codexnet.manager.hub import Hub, TaskFailed
-from codexnet.manager.service import run_manager, run_once
+from codexnet.manager.hub import Hub
+from codexnet.manager.service import TaskFailed, run_manager, run_once
 from codexnet.manager.telegram import TelegramFatal
 
 log = logging.getLogger("codexnet.manager")
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_CONFIG
-        hub = Hub(config.proxies)
+        hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
         try:
             result = trio.run(
                 lambda: run_once(
@@ -110,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.ws_only:
 
         async def hub_only() -> None:
-            await Hub(config.proxies).serve(*listen, ssl_context=server_ssl)
+            hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
+            await hub.serve(*listen, ssl_context=server_ssl)
 
         trio.run(run_until_signal, hub_only)
         return EXIT_OK
 
     config = attrs.evolve(config, manager_ws_listen=listen)
-    fatal = run_service(lambda: run_manager(config), TelegramFatal)
+    fatal = run_service(lambda: run_manager(config), (TelegramFatal, StateError))
+    if isinstance(fatal, StateError):
+        log.error("%s", fatal)
+        return EXIT_STATE
     if fatal is not None:
         log.error("Telegram refused the bot: %s", fatal)
         return EXIT_FAILED

@@ -1,11 +1,20 @@
-"""The Telegram side of the manager: long-poll updates, commands, access control.
+"""The Telegram side of the manager: long-poll updates, access control, dispatch.
 
 `Bot.run` calls `deleteWebhook` (a set webhook makes getUpdates fail with 409),
-registers the command list, then long-polls `getUpdates`. The offset is saved
-after each update has been handed over, so a restart never runs an old
-message again; on shutdown one last `getUpdates` confirms it to Telegram.
-Every update is handled behind an error boundary: one bad update is logged
-and skipped, the loop goes on.
+registers the command menu, then long-polls `getUpdates`.
+
+Each batch of updates is handled chat by chat, concurrently (one chat's
+updates in order), and no handler waits for Telegram: their durable effects
+(a journalled prompt, a decision, a /use) are written to the store — group
+committed, a few milliseconds — and replies go out through the outbox in the
+background. Only when the whole batch is handled is the offset saved and
+confirmed to Telegram with the next poll; a prompt redelivered after a crash
+in between is recognised by its update id and not run twice. If the store
+cannot be written, the offset stays where it is and the batch is fetched
+again later: Telegram keeps it for 24 hours.
+
+A 409 (another instance polls with this token) never stops the manager: it
+keeps polling with backoff and says so once a minute.
 """
 
 from __future__ import annotations
@@ -17,67 +26,53 @@ import trio
 
 from codexnet.backoff import backoff
 from codexnet.config import ManagerConfig
+from codexnet.db import StateError
+from codexnet.manager.commands import ChatCommands, Context
 from codexnet.manager.conversation import Conversations
-from codexnet.manager.grace import ShutdownGrace
-from codexnet.manager.hub import Hub
+from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
-from codexnet.manager.state import StateStore
-from codexnet.manager.telegram import TelegramClient, TelegramError, TelegramFatal
+from codexnet.manager.store import ManagerStore
+from codexnet.manager.telegram import (
+    RetryAfter,
+    TelegramClient,
+    TelegramConflict,
+    TelegramError,
+    TelegramFatal,
+)
 
 log = logging.getLogger(__name__)
 
 POLL_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+CONFLICT_BACKOFF_S: Final = (3.0, 5.0, 10.0, 20.0, 30.0)
+CONFLICT_LOG_EVERY_S: Final = 60.0
 CONFIRM_TIMEOUT_S: Final = 5.0
-SHUTDOWN_GRACE_S: Final = 10.0  # how long shutdown waits for an update or an answer in flight
+REFUSE_EVERY_S: Final = 3600.0  # a stranger is told at most once an hour per chat
 ALLOWED_UPDATES: Final = ["message", "callback_query"]
-COMMANDS: Final = [
-    ("start", "What this bot does"),
-    ("use", "Pick the machine for this chat: /use <proxy>"),
-    ("reset", "Start a new Codex conversation"),
-    ("cancel", "Stop the running task"),
-    ("status", "Machines, their load, and this chat's choice"),
-    ("help", "What this bot does"),
-]
-HELP: Final = (
-    "Send me a message and Codex answers it on one of your machines.\n\n"
-    "/use <proxy> — pick the machine for this chat\n"
-    "/reset — start a new Codex conversation\n"
-    "/cancel — stop the running task\n"
-    "/status — machines, their load, and this chat's choice\n"
-    "/help — this text"
-)
 
 
 class Bot:
     def __init__(
-        self, config: ManagerConfig, tg: TelegramClient, hub: Hub, store: StateStore
+        self,
+        config: ManagerConfig,
+        tg: TelegramClient,
+        outbox: Outbox,
+        store: ManagerStore,
+        replies: Replies,
+        conversations: Conversations,
+        commands: ChatCommands,
     ) -> None:
         self._config = config
         self._tg = tg
-        self._hub = hub
+        self._outbox = outbox
         self._store = store
-        self._replies = Replies(tg)
+        self._replies = replies
+        self._conversations = conversations
+        self._commands = commands
         self.username = ""
-        self.grace = ShutdownGrace(SHUTDOWN_GRACE_S)
-        self.conversations = Conversations(config, hub, store, self._replies, self.grace)
+        self._refused: dict[int, float] = {}  # chat → when a stranger there was last told
+        self._conflict_logged = -CONFLICT_LOG_EVERY_S
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self._start_up()
-        log.info(
-            "Telegram bot @%s ready; %d user(s) allowed",
-            self.username,
-            len(self._config.telegram_allowed_user_ids),
-        )
-        if not self._config.telegram_allowed_user_ids:
-            log.warning("telegram_allowed_user_ids is empty: the bot will refuse everybody")
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            self.conversations.nursery = nursery
-            self.conversations.start_adopted()
-            nursery.start_soon(self._bound_shutdown)
-            await self._poll()
-
-    async def _start_up(self) -> None:
+    async def start_up(self) -> None:
         """deleteWebhook, getMe, setMyCommands; retried while Telegram is unreachable.
 
         At boot the network may not be up yet: keep trying (the hub already
@@ -89,11 +84,8 @@ class Bot:
                 await self._tg.call("deleteWebhook", {"drop_pending_updates": False})
                 me = await self._tg.call("getMe")
                 self.username = str(me.get("username", ""))
-                await self._tg.call(
-                    "setMyCommands",
-                    {"commands": [{"command": c, "description": d} for c, d in COMMANDS]},
-                )
-                return
+                await self._tg.call("setMyCommands", {"commands": self._commands.menu()})
+                break
             except TelegramFatal:
                 raise
             except TelegramError as exc:
@@ -101,29 +93,38 @@ class Bot:
                 failures += 1
                 log.warning("Telegram start-up failed (%s); retrying in %.0f s", exc, delay)
                 await trio.sleep(delay)
+        log.info(
+            "Telegram bot @%s ready; %d user(s) allowed",
+            self.username,
+            len(self._config.telegram_allowed_user_ids),
+        )
+        if not self._config.telegram_allowed_user_ids:
+            log.warning("telegram_allowed_user_ids is empty: the bot will refuse everybody")
 
-    async def _bound_shutdown(self) -> None:
-        """On shutdown, give protected steps `SHUTDOWN_GRACE_S` to finish."""
-        try:
-            await trio.sleep_forever()
-        finally:
-            self.grace.begin()
-
-    async def _poll(self) -> None:
+    async def poll(self) -> None:
+        """Long-poll until cancelled; on the way out confirm the offset to Telegram."""
         offset = self._store.offset
         failures = 0
         try:
             while True:
                 timeout = self._config.telegram_poll_timeout_s
                 try:
-                    updates = await self._tg.call(
+                    updates = await self._tg.request(
                         "getUpdates",
                         {"offset": offset, "timeout": timeout, "allowed_updates": ALLOWED_UPDATES},
                         read_timeout=timeout + 15,
-                        attempts=1,
                     )
                 except TelegramFatal:
                     raise
+                except TelegramConflict as exc:
+                    delay = backoff(CONFLICT_BACKOFF_S, failures)
+                    failures += 1
+                    self._log_conflict(exc, delay)
+                    await trio.sleep(delay)
+                    continue
+                except RetryAfter as exc:
+                    await trio.sleep(exc.retry_after)
+                    continue
                 except TelegramError as exc:
                     delay = backoff(POLL_BACKOFF_S, failures)
                     failures += 1
@@ -133,38 +134,75 @@ class Bot:
                     await trio.sleep(delay)
                     continue
                 failures = 0
-                for update in updates or []:
-                    if self.grace.stopping:
-                        break  # the rest is redelivered on the next start
-                    # Handling an update and saving the offset past it go together:
-                    # a shutdown between the two would run it again on the next start.
-                    with self.grace.protect():
-                        await self._dispatch(update)
-                    offset = int(update["update_id"]) + 1
+                updates = [u for u in updates or [] if isinstance(u, dict)]
+                if not updates:
+                    continue
+                if await self._handle_batch(updates):
+                    offset = max(int(u["update_id"]) for u in updates) + 1
                     with trio.CancelScope(shield=True):
-                        await self._store.save_offset(offset)
+                        await self._save_offset(offset)
+                else:
+                    await trio.sleep(backoff(POLL_BACKOFF_S, 3))
         finally:
             if offset is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT_S):
                     await self._confirm(offset)
 
+    def _log_conflict(self, exc: TelegramError, delay: float) -> None:
+        now = trio.current_time()
+        if now - self._conflict_logged >= CONFLICT_LOG_EVERY_S:
+            self._conflict_logged = now
+            log.warning(
+                "another instance is polling this bot token (Telegram: %s); "
+                "still trying every %.0f s — stop the other one",
+                exc.description,
+                delay,
+            )
+
+    async def _save_offset(self, offset: int) -> None:
+        try:
+            await self._store.save_offset(offset)
+        except StateError as exc:
+            # Telegram redelivers what we could not confirm; prompts are deduplicated.
+            log.error("%s; the update offset was not saved", exc)
+
     async def _confirm(self, offset: int) -> None:
         """Tell Telegram the last offset, so these updates are not redelivered."""
         try:
-            await self._tg.call(
-                "getUpdates", {"offset": offset, "timeout": 0, "limit": 1}, attempts=1
-            )
+            await self._tg.request("getUpdates", {"offset": offset, "timeout": 0, "limit": 1})
         except TelegramError as exc:
             log.info("could not confirm the update offset on shutdown: %s", exc.description)
 
+    async def _handle_batch(self, updates: list[dict[str, Any]]) -> bool:
+        """Handle one batch, chat by chat; False if some effect could not be stored."""
+        by_chat: dict[object, list[dict[str, Any]]] = {}
+        for update in updates:
+            by_chat.setdefault(_chat_of(update), []).append(update)
+        failed: list[StateError] = []
+
+        async def chat_updates(batch: list[dict[str, Any]]) -> None:
+            for update in batch:
+                try:
+                    await self._dispatch(update)
+                except StateError as exc:
+                    failed.append(exc)
+                    return  # the rest of this chat's updates keep their order: all again later
+
+        async with trio.open_nursery() as nursery:
+            for batch in by_chat.values():
+                nursery.start_soon(chat_updates, batch)
+        if failed:
+            log.error("%s; these updates will be fetched again", failed[0])
+        return not failed
+
     async def _dispatch(self, update: dict[str, Any]) -> None:
-        """Error boundary around one update."""
+        """Error boundary around one update (a StateError goes up: it is retried)."""
         try:
             if "message" in update:
-                await self._on_message(update["message"])
+                await self._on_message(update["message"], int(update["update_id"]))
             elif "callback_query" in update:
                 await self._on_callback(update["callback_query"])
-        except TelegramFatal:
+        except (TelegramFatal, StateError):
             raise
         except Exception:
             log.exception("failed to handle update %s", update.get("update_id"))
@@ -172,53 +210,62 @@ class Bot:
     def allowed(self, user: dict[str, Any] | None) -> bool:
         return user is not None and user.get("id") in self._config.telegram_allowed_user_ids
 
-    async def _on_message(self, message: dict[str, Any]) -> None:
+    async def _on_message(self, message: dict[str, Any], update_id: int) -> None:
         chat_id = message["chat"]["id"]
         user = message.get("from")
         text = message.get("text")
+        if isinstance(message.get("message_id"), int):
+            self._outbox.note_message_id(chat_id, message["message_id"])
         if not self.allowed(user):
-            user_id = user.get("id") if user else None
-            log.warning(
-                "refused a message from user %s in chat %s (not in telegram_allowed_user_ids)",
-                user_id,
-                chat_id,
-            )
-            await self._replies.send_text(
-                chat_id, f"Sorry, you are not allowed to use this bot (your user id: {user_id})."
-            )
+            self._refuse(chat_id, user)
             return
+        assert user is not None
         if not isinstance(text, str) or not text.strip():
-            await self._replies.send_text(chat_id, "I can only read text messages for now.")
+            self._replies.post(chat_id, "I can only read text messages for now.")
             return
+        ctx = Context(chat_id, 0, user)
         if text.startswith("/"):
-            await self._on_command(chat_id, text)
+            await self._on_command(ctx, text)
+        elif update_id in self._store.updates:
+            log.info("update %s was journalled before a restart; not run again", update_id)
         else:
-            self.conversations.submit(chat_id, text)
+            await self._conversations.submit(chat_id, 0, text, update_id=update_id)
+
+    def _refuse(self, chat_id: int, user: dict[str, Any] | None) -> None:
+        user_id = user.get("id") if user else None
+        log.warning(
+            "refused a message from user %s in chat %s (not in telegram_allowed_user_ids)",
+            user_id,
+            chat_id,
+        )
+        now = trio.current_time()
+        if now - self._refused.get(chat_id, -REFUSE_EVERY_S) < REFUSE_EVERY_S:
+            return  # told recently: a stranger cannot make the bot spend its send quota
+        self._refused[chat_id] = now
+        self._replies.post(
+            chat_id, f"Sorry, you are not allowed to use this bot (your user id: {user_id})."
+        )
 
     async def _on_callback(self, query: dict[str, Any]) -> None:
         user = query.get("from")
         if not self.allowed(user):
             log.warning("refused a button press from user %s", (user or {}).get("id"))
-            await self._tg.toast(query, "You are not allowed to do that.")
+            self._replies.toast(query, "You are not allowed to do that.")
             return
-        await self.conversations.on_callback(query)
+        await self._commands.on_callback(query)
 
-    async def _on_command(self, chat_id: int, text: str) -> None:
+    async def _on_command(self, ctx: Context, text: str) -> None:
         head, _, rest = text.strip().partition(" ")
-        command, _, target = head[1:].partition("@")
+        name, _, target = head[1:].partition("@")
         if target and self.username and target.lower() != self.username.lower():
             return  # addressed to another bot in a group
-        argument = rest.strip()
-        conversations = self.conversations
-        if command in ("start", "help"):
-            await self._replies.send_text(chat_id, HELP)
-        elif command == "use":
-            await conversations.use(chat_id, argument)
-        elif command == "reset":
-            await conversations.reset(chat_id)
-        elif command == "cancel":
-            await conversations.cancel(chat_id)
-        elif command == "status":
-            await conversations.status(chat_id)
-        else:
-            await self._replies.send_text(chat_id, f"Unknown command /{command}. Try /help.")
+        command = self._commands.find(name)
+        if command is None:
+            self._replies.post(ctx.chat_id, f"Unknown command /{name}. Try /help.")
+            return
+        await command.handler(ctx, rest.strip())
+
+
+def _chat_of(update: dict[str, Any]) -> object:
+    message = update.get("message") or (update.get("callback_query") or {}).get("message") or {}
+    return (message.get("chat") or {}).get("id")

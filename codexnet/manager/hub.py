@@ -1,4 +1,9 @@
-"""The WebSocket hub: proxies connect here, register, and run the manager's tasks.
+"""The WebSocket hub: proxies connect here, register, and exchange frames.
+
+The hub is transport only: it authenticates a proxy's `hello`, keeps the
+registry of who is online, watches each link's liveness, and hands every
+decoded frame to its `HubListener` (the dispatcher), which owns what the
+frames mean and what must be sent again.
 
 Each connection is handled behind its own error boundary: a misbehaving proxy
 is logged and disconnected, never allowed to take the server down. A proxy
@@ -6,21 +11,22 @@ must say `hello` first with a known id and its own token (compared in
 constant time); otherwise the socket is closed with a 44xx code and a reason
 the proxy logs.
 
-Tasks outlive connections. `run_task` registers a `TaskHandle` before the
-task is sent; when a proxy drops mid-task the handle waits for it to come back
-(the proxy replays the result from its outbox), and fails only if the proxy
-returns without the task or does not return in time.
+Liveness: the hub pings every proxy every third of `heartbeat_timeout_s`
+(jittered). A link from which nothing (no frame, no pong) arrived for
+`heartbeat_timeout_s` is half-dead — a sleeping laptop, an expired NAT entry:
+the proxy is marked offline at once and the connection dropped, without
+waiting for a close handshake that cannot come.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import random
 import ssl
 import time
-import uuid
-from collections.abc import Callable, Mapping
-from typing import Final
+from collections.abc import Awaitable, Mapping
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -32,6 +38,7 @@ from trio_websocket import (
 )
 
 from codexnet.config import ProxyEntry
+from codexnet.db import StateError
 from codexnet.protocol import (
     CLOSE_BAD_FRAME,
     CLOSE_HELLO_TIMEOUT,
@@ -41,18 +48,11 @@ from codexnet.protocol import (
     CLOSE_UNKNOWN_PROXY,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
-    ApprovalDecision,
-    ApprovalRequest,
     Hello,
     Load,
     ManagerFrame,
     ProtocolError,
-    ResultAck,
-    Task,
-    TaskAck,
-    TaskCancel,
-    TaskEvent,
-    TaskResult,
+    ProxyFrame,
     Welcome,
     decode_proxy_frame,
     encode,
@@ -61,12 +61,18 @@ from codexnet.protocol import (
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S: Final = 10.0
-RECONNECT_GRACE_S: Final = 120.0  # how long a task waits for its dropped proxy to return
-RESULT_GRACE_S: Final = 60.0  # beyond the task's own timeout, which the proxy enforces
+CLOSE_TIMEOUT_S: Final = 2.0  # a close handshake on a dead link never ends: bound it
+CLOSE_STATE_ERROR: Final = 4500
 
 
-class TaskFailed(Exception):
-    """The task could not run or its result was lost; the message is for the user."""
+class HubListener(Protocol):
+    """What the hub tells the dispatcher."""
+
+    async def proxy_online(self, conn: ProxyConn, hello: Hello) -> None: ...
+
+    async def on_frame(self, conn: ProxyConn, frame: ProxyFrame) -> None: ...
+
+    def proxy_offline(self, conn: ProxyConn) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -78,10 +84,15 @@ class ProxyConn:
     version: str
     running: int = 0
     connected_at: float = attrs.Factory(time.time)
+    last_heard: float = attrs.Factory(trio.current_time)  # trio time
+    rtt: float | None = None  # seconds, of the last heartbeat
     closed: trio.Event = attrs.Factory(trio.Event)
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _send_lock: trio.StrictFIFOLock = attrs.Factory(trio.StrictFIFOLock)
 
     async def send(self, frame: ManagerFrame) -> bool:
+        """Write `frame`; False if the link is closed. Written is not delivered:
+        whatever must arrive is re-sent after the next `hello` until acknowledged."""
         try:
             async with self._send_lock:
                 await self.ws.send_message(encode(frame))
@@ -90,52 +101,31 @@ class ProxyConn:
         return True
 
 
-@attrs.define(eq=False)
-class TaskHandle:
-    task: Task
-    proxy_id: str
-    on_update: Callable[[TaskHandle], None]
-    on_approval: Callable[[TaskHandle, ApprovalRequest], None]
-    text: str = ""
-    step: str = ""
-    last_seq: int = 0
-    sent: bool = False
-    acked: trio.Event = attrs.Factory(trio.Event)
-    result: TaskResult | None = None
-    failure: str | None = None
-    done: trio.Event = attrs.Factory(trio.Event)
-    started_at: float = attrs.Factory(trio.current_time)
+class _NoListener:
+    async def proxy_online(self, conn: ProxyConn, hello: Hello) -> None:
+        pass
 
-    def fail(self, reason: str) -> None:
-        if not self.done.is_set():
-            self.failure = reason
-            self.done.set()
+    async def on_frame(self, conn: ProxyConn, frame: ProxyFrame) -> None:
+        pass
 
-    def apply(self, event: TaskEvent) -> bool:
-        """Apply an event once; False for a duplicate or stale one."""
-        if event.seq <= self.last_seq:
-            return False
-        self.last_seq = event.seq
-        if event.kind == "delta":
-            self.text += event.text
-        elif event.kind == "snapshot":
-            self.text = event.text
-        elif event.kind == "progress":
-            self.step = event.text
-        return True
-
-
-def _ignore_approval(handle: TaskHandle, request: ApprovalRequest) -> None:
-    log.warning("task %s: no approval handler; the request will time out", handle.task.task_id)
+    def proxy_offline(self, conn: ProxyConn) -> None:
+        pass
 
 
 class Hub:
-    def __init__(self, proxies: Mapping[str, ProxyEntry]) -> None:
+    def __init__(
+        self, proxies: Mapping[str, ProxyEntry], *, heartbeat_timeout_s: float = 30.0
+    ) -> None:
         self._proxies = proxies
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.listener: HubListener = _NoListener()
         self.online: dict[str, ProxyConn] = {}
-        self.tasks: dict[str, TaskHandle] = {}
+        self.offline_since: dict[str, float] = {}  # wall clock; from our start if never seen
         self._online_changed = trio.Event()
         self.port = 0  # the bound port, once serving
+        started = time.time()
+        for proxy_id in proxies:
+            self.offline_since[proxy_id] = started
 
     def known(self) -> list[str]:
         return sorted(self._proxies)
@@ -156,9 +146,18 @@ class Hub:
                 return self.online[proxy_id]
             await self._online_changed.wait()
 
+    async def wait_change(self) -> None:
+        """Return at the next proxy going online or offline."""
+        await self._online_changed.wait()
+
     def _notify_online_changed(self) -> None:
         self._online_changed.set()
         self._online_changed = trio.Event()
+
+    async def send(self, proxy_id: str, frame: ManagerFrame) -> bool:
+        """Send to `proxy_id` if it is online (see `ProxyConn.send`)."""
+        conn = self.online.get(proxy_id)
+        return conn is not None and await conn.send(frame)
 
     # ------------------------------------------------------------------ server
 
@@ -180,7 +179,7 @@ class Hub:
                     ssl_context,
                     max_message_size=MAX_FRAME_BYTES,
                     message_queue_size=8,
-                    disconnect_timeout=5,
+                    disconnect_timeout=CLOSE_TIMEOUT_S,
                     task_status=task_status,
                 )
             )
@@ -195,9 +194,9 @@ class Hub:
         try:
             ws = await request.accept()
             await self._serve_connection(ws)
-        except ConnectionClosed:
-            pass
-        except Exception:
+        except* ConnectionClosed:
+            pass  # the normal end of a connection
+        except* Exception:
             log.exception("proxy connection failed")
 
     async def _serve_connection(self, ws: WebSocketConnection) -> None:
@@ -208,8 +207,10 @@ class Hub:
             return
         old = self.online.get(hello.proxy_id)
         if old is not None:
-            log.warning("proxy %r connected again; closing its older connection", hello.proxy_id)
-            await old.ws.aclose(CLOSE_REPLACED, "replaced by a newer connection")
+            log.warning("proxy %r connected again; dropping its older connection", hello.proxy_id)
+            old.scope.cancel()
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await old.ws.aclose(CLOSE_REPLACED, "replaced by a newer connection")
         conn = ProxyConn(
             hello.proxy_id,
             ws,
@@ -221,6 +222,7 @@ class Hub:
         if not await conn.send(Welcome()):
             return
         self.online[hello.proxy_id] = conn
+        self.offline_since.pop(hello.proxy_id, None)
         self._notify_online_changed()
         log.info(
             "proxy %r online from %s (%s, capacity %d)",
@@ -230,14 +232,43 @@ class Hub:
             hello.capacity,
         )
         try:
-            await self._reconcile(conn, hello)
-            await self._read_frames(conn)
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, conn, nursery.cancel_scope)
+                    if await self._tell(conn, self.listener.proxy_online(conn, hello)):
+                        await self._read_frames(conn)
+                    nursery.cancel_scope.cancel()
         finally:
             conn.closed.set()
             if self.online.get(hello.proxy_id) is conn:
                 del self.online[hello.proxy_id]
+                self.offline_since[hello.proxy_id] = time.time()
                 self._notify_online_changed()
                 log.warning("proxy %r went offline", hello.proxy_id)
+            self.listener.proxy_offline(conn)
+
+    async def _heartbeat(self, conn: ProxyConn, session: trio.CancelScope) -> None:
+        timeout = self.heartbeat_timeout_s
+        while True:
+            await trio.sleep(timeout / 3 * random.uniform(0.8, 1.2))
+            sent = trio.current_time()
+            with trio.move_on_at(conn.last_heard + timeout):
+                await conn.ws.ping()
+                conn.last_heard = trio.current_time()
+                conn.rtt = conn.last_heard - sent
+                continue
+            log.warning(
+                "proxy %r silent for %.0f s (half-dead link?); marking it offline",
+                conn.proxy_id,
+                trio.current_time() - conn.last_heard,
+            )
+            # Offline now, not after a close handshake that a dead link never completes.
+            if self.online.get(conn.proxy_id) is conn:
+                del self.online[conn.proxy_id]
+                self.offline_since[conn.proxy_id] = time.time()
+                self._notify_online_changed()
+            session.cancel()
+            return
 
     async def _read_hello(self, ws: WebSocketConnection, peer: str) -> Hello | None:
         with trio.move_on_after(HELLO_TIMEOUT_S):
@@ -275,25 +306,10 @@ class Hub:
         await ws.aclose(CLOSE_HELLO_TIMEOUT, "no hello")
         return None
 
-    async def _reconcile(self, conn: ProxyConn, hello: Hello) -> None:
-        """Match our open tasks for this proxy against what it says it still holds."""
-        held = set(hello.running) | set(hello.finished)
-        for handle in list(self.tasks.values()):
-            if handle.proxy_id != conn.proxy_id or handle.done.is_set():
-                continue
-            if handle.task.task_id in held:
-                continue  # still running, or its result is on the way from the outbox
-            if handle.sent:
-                handle.fail(
-                    f"proxy {conn.proxy_id} no longer has this task (it or the manager "
-                    "restarted); please send it again"
-                )
-            else:
-                handle.sent = await conn.send(handle.task)
-
     async def _read_frames(self, conn: ProxyConn) -> None:
         while True:
             raw = await conn.ws.get_message()
+            conn.last_heard = trio.current_time()
             try:
                 frame = decode_proxy_frame(raw)
                 if isinstance(frame, Hello):
@@ -302,115 +318,23 @@ class Hub:
                 log.warning("proxy %r sent a bad frame, disconnecting: %s", conn.proxy_id, exc)
                 await conn.ws.aclose(CLOSE_BAD_FRAME, str(exc)[:120])
                 return
-            handle = self.tasks.get(getattr(frame, "task_id", ""))
-            if isinstance(frame, TaskResult):
-                # Ack even unknown results: the proxy may drop them from its outbox.
-                await conn.send(ResultAck(frame.task_id))
-                if handle is not None and not handle.done.is_set():
-                    handle.result = frame
-                    handle.done.set()
-            elif isinstance(frame, Load):
+            if isinstance(frame, Load):
                 conn.running = frame.running
-            elif handle is None:
-                log.debug("frame for unknown task from %r: %s", conn.proxy_id, frame.type)
-            elif isinstance(frame, TaskAck):
-                handle.acked.set()
-            elif isinstance(frame, TaskEvent):
-                if handle.apply(frame):
-                    handle.on_update(handle)
-            elif isinstance(frame, ApprovalRequest):
-                handle.on_approval(handle, frame)
+                continue
+            if not await self._tell(conn, self.listener.on_frame(conn, frame)):
+                return
 
-    # ------------------------------------------------------------------ tasks
+    async def _tell(self, conn: ProxyConn, call: Awaitable[None]) -> bool:
+        """Run a listener call; False (and the link closed) if the state cannot be stored.
 
-    async def run_task(
-        self,
-        proxy_id: str,
-        prompt: str,
-        *,
-        task_id: str | None = None,
-        chat_id: int = 0,
-        thread_id: str | None = None,
-        timeout_s: float = 1800.0,
-        on_update: Callable[[TaskHandle], None] = lambda handle: None,
-        on_approval: Callable[[TaskHandle, ApprovalRequest], None] = _ignore_approval,
-        on_handle: Callable[[TaskHandle], None] = lambda handle: None,
-    ) -> TaskResult:
-        """Run one prompt on `proxy_id` and return its result; raises `TaskFailed`."""
-        conn = self.online.get(proxy_id)
-        if conn is None:
-            raise TaskFailed(f"proxy {proxy_id} is offline")
-        task = Task(task_id or uuid.uuid4().hex, chat_id, prompt, thread_id, timeout_s)
-        handle = TaskHandle(task, proxy_id, on_update, on_approval)
-        self.tasks[task.task_id] = handle
-        on_handle(handle)
-        handle.sent = await conn.send(task)
-        return await self.follow(handle)
-
-    def adopt(
-        self,
-        task_id: str,
-        proxy_id: str,
-        *,
-        chat_id: int,
-        timeout_s: float,
-        on_update: Callable[[TaskHandle], None] = lambda handle: None,
-        on_approval: Callable[[TaskHandle, ApprovalRequest], None] = _ignore_approval,
-    ) -> TaskHandle:
-        """Take back a task sent before a manager restart (from the journal).
-
-        Call before `serve`: the proxy's `hello` then finds the handle and either
-        keeps it (the task still runs or its result waits in the outbox) or fails
-        it (the proxy no longer knows it). Then `follow` it.
+        Closing makes the proxy reconnect and send its unacknowledged frames
+        again, so nothing is lost while the disk is full or read-only.
         """
-        task = Task(task_id, chat_id, "", None, timeout_s)
-        handle = TaskHandle(task, proxy_id, on_update, on_approval, sent=True)
-        self.tasks[task_id] = handle
-        return handle
-
-    async def follow(self, handle: TaskHandle) -> TaskResult:
-        """Wait for `handle`'s result, within its timeout; raises `TaskFailed`."""
-        task = handle.task
         try:
-            with trio.move_on_after(task.timeout_s + RESULT_GRACE_S):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_proxy, handle)
-                    await handle.done.wait()
-                    nursery.cancel_scope.cancel()
-            if not handle.done.is_set():
-                await self.cancel(task.task_id)
-                raise TaskFailed(
-                    f"no result from proxy {handle.proxy_id} within {task.timeout_s:.0f} s"
-                )
-            if handle.result is None:
-                raise TaskFailed(handle.failure or "the task failed")
-            return handle.result
-        finally:
-            del self.tasks[task.task_id]
-
-    async def _watch_proxy(self, handle: TaskHandle) -> None:
-        """Fail the task if its proxy goes away and does not come back in time."""
-        while True:
-            conn = self.online.get(handle.proxy_id)
-            if conn is not None:
-                await conn.closed.wait()
-                continue
-            with trio.move_on_after(RECONNECT_GRACE_S):
-                await self.wait_online(handle.proxy_id)
-                continue
-            handle.fail(f"proxy {handle.proxy_id} went offline during the task")
-            return
-
-    async def cancel(self, task_id: str) -> bool:
-        handle = self.tasks.get(task_id)
-        conn = self.online.get(handle.proxy_id) if handle else None
-        return conn is not None and await conn.send(TaskCancel(task_id))
-
-    async def decide(self, task_id: str, approval_id: str, decision: str) -> bool:
-        handle = self.tasks.get(task_id)
-        conn = self.online.get(handle.proxy_id) if handle else None
-        if conn is None:
+            await call
+        except StateError as exc:
+            log.error("%s; dropping proxy %r so its frames are sent again", exc, conn.proxy_id)
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await conn.ws.aclose(CLOSE_STATE_ERROR, "the manager cannot store its state")
             return False
-        return await conn.send(
-            ApprovalDecision(task_id, approval_id, decision)  # type: ignore[arg-type]
-        )
+        return True

@@ -1,51 +1,150 @@
 """Wire the manager together: state, WebSocket hub, Telegram bot.
 
 run_manager
-├── Hub.serve        proxies connect here (one error-bounded task per connection)
-└── Bot.run          getUpdates long-poll; conversations run in its nursery
+├── Database.run          the state writer (outlives everything below)
+├── Outbox.run            the Telegram send scheduler
+├── Hub.serve             proxies connect here (one error-bounded task per connection)
+├── Bot.poll              getUpdates long-poll
+└── background work       one lane per conversation with open tasks; approvals;
+                          replies sent in the background
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
+from typing import Final
 
+import attrs
 import httpx
 import trio
 
 from codexnet.config import ManagerConfig
+from codexnet.manager.approvals import Approvals
 from codexnet.manager.bot import Bot
-from codexnet.manager.hub import Hub, TaskFailed
-from codexnet.manager.state import StateStore
+from codexnet.manager.commands import ChatCommands
+from codexnet.manager.conversation import Conversations
+from codexnet.manager.delivery import Delivery, describe_outcome
+from codexnet.manager.dispatcher import Dispatcher, wait_task_change
+from codexnet.manager.grace import ShutdownGrace
+from codexnet.manager.hub import Hub
+from codexnet.manager.outbox import Outbox
+from codexnet.manager.replies import Replies
+from codexnet.manager.store import ManagerStore, Outcome
 from codexnet.manager.telegram import TelegramClient
-from codexnet.protocol import TaskResult
+from codexnet.statelock import hold_state_lock
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S: Final = 10.0  # how long shutdown waits for an answer part in flight
+
+
+@attrs.define(eq=False)
+class Manager:
+    """The running parts, for tests and tools that need to look inside."""
+
+    config: ManagerConfig
+    store: ManagerStore
+    hub: Hub
+    dispatcher: Dispatcher
+    outbox: Outbox
+    conversations: Conversations
+    bot: Bot
+
+    @property
+    def port(self) -> int:
+        return self.hub.port
+
+
+@asynccontextmanager
+async def open_store(
+    state_dir: object, *, inline_writes: bool = False
+) -> AsyncIterator[ManagerStore]:
+    """Hold `state_dir`'s lock, open the database, run its writer; raises `StateError`.
+
+    `inline_writes` commits on the event loop (tests on trio's virtual clock).
+    """
+    store = ManagerStore(str(state_dir), inline_writes=inline_writes)
+    if str(state_dir) == ":memory:":
+        store.open()
+        try:
+            async with store.db.serving():
+                yield store
+        finally:
+            store.db.close()
+        return
+    with hold_state_lock(store.state_dir, "manager"):
+        store.open()
+        try:
+            async with store.db.serving():
+                yield store
+        finally:
+            store.db.close()
 
 
 async def run_manager(
     config: ManagerConfig,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-    task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Manager] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the hub and the bot until cancelled; `started(hub)` once both are up.
+    """Run the hub and the bot until cancelled; `started(manager)` once both are up.
 
     `transport` replaces the network for the Bot API (tests run it in memory).
+    Raises `StateError` before anything starts when the state cannot be used.
     """
-    store = StateStore(config.state_dir)
-    store.load()
-    hub = Hub(config.proxies)
-    host, port = config.manager_ws_listen
     assert config.telegram_bot_token is not None
-    async with httpx.AsyncClient(transport=transport) as http, trio.open_nursery() as nursery:
+    host, port = config.manager_ws_listen
+    async with (
+        open_store(config.state_dir) as store,
+        httpx.AsyncClient(transport=transport) as http,
+        trio.open_nursery() as nursery,
+    ):
+        hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
+        dispatcher = Dispatcher(store, hub)
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)
-        bot = Bot(config, tg, hub, store)
-        bot.conversations.adopt_journal()  # before serving: proxies' hellos must find them
+        outbox = Outbox(tg)
+        replies = Replies(outbox)
+        replies.nursery = nursery
+        grace = ShutdownGrace(SHUTDOWN_GRACE_S)
+        approvals = Approvals(
+            replies,
+            store,
+            dispatcher.send_decision,
+            timeout_s=config.approval_timeout_s,
+            is_online=lambda proxy_id: proxy_id in hub.online,
+        )
+        approvals.nursery = nursery
+        dispatcher.on_approval = approvals.on_request
+        delivery = Delivery(store, replies, approvals, grace, give_up_s=config.delivery_give_up_s)
+        conversations = Conversations(config, store, hub, dispatcher, outbox, replies, delivery)
+        commands = ChatCommands(config, store, hub, conversations, approvals, replies)
+        bot = Bot(config, tg, outbox, store, replies, conversations, commands)
+
+        await nursery.start(outbox.run)
+        nursery.start_soon(_begin_grace_on_shutdown, grace)
         await nursery.start(partial(hub.serve, host, port, ssl_context=config.ssl_context()))
-        await nursery.start(bot.run)
-        task_status.started(hub)
+        approvals.resume()
+        conversations.start(nursery)
+        await bot.start_up()
+        task_status.started(Manager(config, store, hub, dispatcher, outbox, conversations, bot))
+        await bot.poll()
+
+
+async def _begin_grace_on_shutdown(grace: ShutdownGrace) -> None:
+    """On shutdown, give protected steps (an answer part in flight) a bounded time."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        grace.begin()
+
+
+class TaskFailed(Exception):
+    """The one-shot task could not run; the message is for the person."""
 
 
 async def run_once(
@@ -57,24 +156,33 @@ async def run_once(
     *,
     timeout_s: float,
     ssl_context: ssl.SSLContext | None = None,
-) -> TaskResult:
+) -> Outcome:
     """The one-shot CLI: serve proxies, wait for `proxy_id`, run one prompt.
 
-    Raises `TaskFailed` (outside the nursery, so callers see it unwrapped).
+    State lives in memory only. Raises `TaskFailed` (outside the nursery, so
+    callers see it unwrapped).
     """
-    outcome: TaskResult | TaskFailed = TaskFailed("not run")
-    async with trio.open_nursery() as nursery:
+    failure: TaskFailed | None = None
+    outcome: Outcome | None = None
+    async with open_store(":memory:") as store, trio.open_nursery() as nursery:
+        dispatcher = Dispatcher(store, hub)
         await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
         try:
             with trio.fail_after(timeout_s):
                 await hub.wait_online(proxy_id)
-                outcome = await hub.run_task(proxy_id, prompt, timeout_s=timeout_s)
+                task = store.new_task(0, 0, prompt, task_id=uuid.uuid4().hex, timeout_s=timeout_s)
+                await store.add_task(task)
+                await dispatcher.dispatch(task, proxy_id, None)
+                while task.outcome is None:
+                    await wait_task_change(task, hub, trio.current_time() + timeout_s)
+                outcome = task.outcome
         except trio.TooSlowError:
-            outcome = TaskFailed(f"no answer from proxy {proxy_id} within {timeout_s:.0f} s")
-        except TaskFailed as exc:
-            outcome = exc
+            failure = TaskFailed(f"no answer from proxy {proxy_id} within {timeout_s:.0f} s")
         finally:
             nursery.cancel_scope.cancel()
-    if isinstance(outcome, TaskFailed):
-        raise outcome
+    if failure is not None:
+        raise failure
+    assert outcome is not None
+    if outcome.line:
+        raise TaskFailed(describe_outcome(outcome))
     return outcome

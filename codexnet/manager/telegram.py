@@ -1,14 +1,24 @@
-"""A small Bot API client on httpx, with Telegram's failure modes handled once.
+"""A small Bot API client on httpx: one request, and Telegram's answer classified.
 
-* 429: the chat (or the whole bot, for requests not bound to a chat) is paused
-  for `retry_after` in the rate limiter, then the request is retried; no
-  request to that chat goes out inside the window.
-* 5xx and network errors: retried with capped exponential backoff.
-* 401, and 404 for the token path: `TelegramFatal` — the token is wrong and
-  retrying cannot help. 409 on getUpdates: `TelegramFatal` too (another
-  instance polls with this token, or a webhook is set).
-* "message is not modified" is success: the message already shows that text.
-* everything else: `TelegramError` with Telegram's own description.
+`request` makes exactly one attempt and says what happened in the exception's
+type, because what may be retried depends on it:
+
+* `RetryAfter` (429): nothing happened; wait `retry_after`, then it may go again.
+* `TelegramUnavailable` with `fate="not_sent"`: the request surely did not take
+  effect (connection refused, DNS, TLS, a write that failed, a 5xx answer):
+  retrying is always safe.
+* `TelegramUnavailable` with `fate="unknown"`: the request was written and the
+  connection broke before the answer (read error or timeout, the server hung
+  up): Telegram may or may not have acted on it. The Bot API has no
+  idempotency key; the outbox decides (docs/ARCHITECTURE.md, "sends whose fate
+  is unknown").
+* `TelegramFatal` (401, 404 for the token path): the token is wrong.
+* `TelegramConflict` (409): another poller or a webhook owns the updates.
+* `TelegramError`: Telegram refused this request (4xx) with its own description.
+
+`call` adds a short retry loop for the calls that are not bound to a chat
+(`getMe`, `setMyCommands`, `answerCallbackQuery`); messages to chats go
+through `codexnet.manager.outbox`, which owns flood limits and delivery.
 
 The token is part of every URL, so URLs are never logged or put in exception
 messages here; httpx's own loggers are kept at WARNING by `codexnet.logs`.
@@ -18,33 +28,24 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import httpx
 import trio
 
 from codexnet.backoff import backoff
-from codexnet.manager.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 MAX_ATTEMPTS: Final = 6
-# Methods that put something into a chat: these count against flood limits.
-CHAT_LIMITED: Final = frozenset(
-    {
-        "sendMessage",
-        "editMessageText",
-        "editMessageReplyMarkup",
-        "sendDocument",
-        "sendMessageDraft",
-        "deleteMessage",
-    }
-)
-
 
 # reply_markup that removes a message's inline buttons.
 NO_KEYBOARD: Final[dict[str, Any]] = {"inline_keyboard": []}
+
+# httpx errors raised before the request could have reached Telegram.
+_NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError)
+_NOT_SENT_TIMEOUTS: Final = (httpx.WriteTimeout,)
 
 
 class TelegramError(Exception):
@@ -59,95 +60,123 @@ class TelegramError(Exception):
 
 
 class TelegramFatal(TelegramError):
-    """Retrying cannot help: bad token, or another poller/webhook owns the updates."""
+    """Retrying cannot help: the bot token is wrong."""
+
+
+class TelegramConflict(TelegramError):
+    """409: another instance polls with this token, or a webhook is set."""
+
+
+class RetryAfter(TelegramError):
+    def __init__(self, method: str, description: str, retry_after: float) -> None:
+        super().__init__(method, 429, description)
+        self.retry_after = retry_after
+
+
+class TelegramUnavailable(TelegramError):
+    """No answer from Telegram (network or 5xx); `fate` says whether it may have acted."""
+
+    def __init__(self, method: str, description: str, fate: Literal["not_sent", "unknown"]):
+        super().__init__(method, 0, description)
+        self.fate = fate
 
 
 class TelegramClient:
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        api_base: str,
-        token: str,
-        *,
-        limiter: RateLimiter | None = None,
-    ) -> None:
+    def __init__(self, http: httpx.AsyncClient, api_base: str, token: str) -> None:
         self._http = http
         self._base = f"{api_base.rstrip('/')}/bot{token}"
-        self.limiter = limiter if limiter is not None else RateLimiter()
-        self.stats: dict[str, int] = {"requests": 0, "retry_after": 0, "server_errors": 0}
+        self.stats: dict[str, int] = {
+            "requests": 0,
+            "retry_after": 0,
+            "server_errors": 0,
+            "network_errors": 0,
+        }
+        self._success = trio.Event()
 
     def __repr__(self) -> str:
         return "TelegramClient(<token hidden>)"
 
-    async def call(
+    async def wait_success(self) -> None:
+        """Return at the next request that Telegram answers (it is reachable again)."""
+        await self._success.wait()
+
+    async def request(
         self,
         method: str,
         params: dict[str, Any] | None = None,
         *,
         files: dict[str, tuple[str, bytes, str]] | None = None,
         read_timeout: float = 30.0,
+    ) -> Any:
+        """One attempt at `method`; its `result`, or a classified `TelegramError`."""
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        self.stats["requests"] += 1
+        try:
+            status, body = await self._post(method, params, files, read_timeout)
+        except (*_NOT_SENT, *_NOT_SENT_TIMEOUTS) as exc:
+            self.stats["network_errors"] += 1
+            # str(exc) of httpx errors does not carry the URL; the type says enough.
+            raise TelegramUnavailable(
+                method, f"network error ({type(exc).__name__})", "not_sent"
+            ) from None
+        except httpx.TransportError as exc:
+            self.stats["network_errors"] += 1
+            raise TelegramUnavailable(
+                method, f"connection lost before the answer ({type(exc).__name__})", "unknown"
+            ) from None
+        self._success.set()
+        self._success = trio.Event()
+        if body.get("ok"):
+            return body.get("result")
+        description = str(body.get("description") or f"HTTP {status}")
+        code = int(body.get("error_code") or status)
+        retry_after = (body.get("parameters") or {}).get("retry_after")
+        if code == 429 and isinstance(retry_after, int | float):
+            self.stats["retry_after"] += 1
+            raise RetryAfter(method, description, float(retry_after))
+        if code == 401 or (code == 404 and "method not found" not in description):
+            raise TelegramFatal(method, code, f"{description} (is the bot token right?)")
+        if code == 409:
+            raise TelegramConflict(method, code, description)
+        if code >= 500 or code == 429:
+            self.stats["server_errors"] += 1
+            raise TelegramUnavailable(method, f"{code} {description}", "not_sent")
+        raise TelegramError(method, code, description)
+
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        read_timeout: float = 30.0,
         attempts: int = MAX_ATTEMPTS,
     ) -> Any:
-        """Call `method`; return its `result`. See the module doc for error handling."""
-        params = {k: v for k, v in (params or {}).items() if v is not None}
-        chat_id = params.get("chat_id")
-        chat_id = chat_id if isinstance(chat_id, int) else None
-        counts = method in CHAT_LIMITED
-        for attempt in range(attempts):
-            await self.limiter.acquire(chat_id, counts=counts)
-            try:
-                status, body = await self._post(method, params, files, read_timeout)
-            except httpx.TransportError as exc:
-                # str(exc) of httpx errors does not carry the URL; the type says enough.
-                failure = f"network error ({type(exc).__name__})"
-            else:
-                if body.get("ok"):
-                    return body.get("result")
-                description = str(body.get("description", f"HTTP {status}"))
-                code = int(body.get("error_code", status))
-                retry_after = (body.get("parameters") or {}).get("retry_after")
-                if code == 429 and isinstance(retry_after, int | float):
-                    self.stats["retry_after"] += 1
-                    log.warning(
-                        "Telegram 429 on %s: pausing %s for %s s",
-                        method,
-                        f"chat {chat_id}" if chat_id else "the bot",
-                        retry_after,
-                    )
-                    self.limiter.pause(chat_id, float(retry_after) + 0.1)
-                    continue
-                if code == 400 and "message is not modified" in description:
-                    return None
-                if code == 401 or (code == 404 and "method not found" not in description):
-                    raise TelegramFatal(method, code, f"{description} (is the bot token right?)")
-                if code == 409:
-                    raise TelegramFatal(method, code, description)
-                if code < 500:
-                    raise TelegramError(method, code, description)
-                self.stats["server_errors"] += 1
-                failure = f"{code} {description}"
-            if attempt + 1 >= attempts:
-                raise TelegramError(method, 0, f"giving up after {attempts} attempts: {failure}")
-            delay = backoff(RETRY_BACKOFF_S, attempt)
-            log.warning("Telegram %s failed (%s); retrying in %.0f s", method, failure, delay)
-            await trio.sleep(delay)
-        raise TelegramError(method, 429, "still rate limited after retries")
+        """`request` retried on 429, network errors and 5xx (`attempts` in all).
 
-    async def toast(self, query: dict[str, Any], text: str) -> None:
-        """Answer a button press with a short notice; best effort.
-
-        Telegram shows a spinner on the button until it is answered, and a
-        callback query older than ~15 s can no longer be answered at all, so a
-        failure here is logged, never raised.
+        For requests whose repetition is harmless. "message is not modified"
+        is success: the message already shows that text.
         """
-        try:
-            await self.call(
-                "answerCallbackQuery",
-                {"callback_query_id": query["id"], "text": text},
-                attempts=2,
-            )
-        except TelegramError as exc:
-            log.info("could not answer a button press: %s", exc.description)
+        for attempt in range(attempts):
+            try:
+                return await self.request(method, params, read_timeout=read_timeout)
+            except RetryAfter as exc:
+                if attempt + 1 >= attempts:
+                    raise
+                log.warning("Telegram 429 on %s: waiting %s s", method, exc.retry_after)
+                await trio.sleep(exc.retry_after)
+            except TelegramUnavailable as exc:
+                if attempt + 1 >= attempts:
+                    raise
+                delay = backoff(RETRY_BACKOFF_S, attempt)
+                log.warning(
+                    "Telegram %s failed (%s); retrying in %.0f s", method, exc.description, delay
+                )
+                await trio.sleep(delay)
+            except TelegramError as exc:
+                if exc.code == 400 and exc.matches("message is not modified"):
+                    return None
+                raise
+        raise AssertionError("unreachable")
 
     async def _post(
         self,
@@ -156,7 +185,6 @@ class TelegramClient:
         files: dict[str, tuple[str, bytes, str]] | None,
         read_timeout: float,
     ) -> tuple[int, dict[str, Any]]:
-        self.stats["requests"] += 1
         timeout = httpx.Timeout(10.0, read=read_timeout)
         url = f"{self._base}/{method}"
         if files:

@@ -7,8 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from codexnet.cli import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, run_service
+from codexnet.cli import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED, EXIT_STATE, run_service
 from codexnet.config import DEFAULT_PROXY_CONFIG, ConfigError, load_proxy_config
+from codexnet.db import StateError
 from codexnet.logs import setup_logging
 from codexnet.proxy.appserver import AppServer
 from codexnet.proxy.service import ProxyRefused, ProxyService
@@ -36,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     service = ProxyService(config, AppServer(config))
-    refused = run_service(service.run, ProxyRefused)
-    if refused is not None:
-        log.error("%s", refused)
+    fatal = run_service(service.run, (ProxyRefused, StateError))
+    if isinstance(fatal, StateError):
+        log.error("%s", fatal)
+        return EXIT_STATE
+    if fatal is not None:
+        log.error("%s", fatal)
         return EXIT_REFUSED
     return EXIT_OK
 

@@ -3,20 +3,27 @@
 Task tree (every task lives in a nursery and nothing outlives its parent):
 
     ProxyService.run
+    ├── Database.run               the state writer (proxy.db)
     ├── AppServer.serve            the supervised codex child
     ├── _connect_loop              connect → hello → serve frames → reconnect with backoff
+    │   └── per connection: _heartbeat (ping; a silent link is dropped) + the reader
     └── _run_task (one per task)   lives across reconnects, so a dropped socket
         └── _forward               does not kill a running turn
 
-Delivery: results wait in `_outbox` until the manager's `result_ack` and are
-sent again after every reconnect; the live text is re-sent as one `snapshot`
-event, so the manager's view catches up whatever was lost with the socket.
+Delivery (docs/ARCHITECTURE.md): a task is stored before its `task_ack`, and
+marked started before its turn starts, so it never runs twice on the model,
+not even across a crash. Results are stored, then sent, and re-sent after every
+reconnect until the manager's `result_ack`. Cancels and approval decisions are
+acknowledged (`cancel_ack`, `decision_ack`) and applied once. The live text is
+re-sent as one `snapshot` event after a reconnect.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+import uuid
 from functools import partial
 from typing import Final
 
@@ -28,6 +35,7 @@ import codexnet
 from codexnet.backoff import backoff
 from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
+from codexnet.db import StateError
 from codexnet.events import wait_first
 from codexnet.protocol import (
     CLOSE_PROTOCOL_VERSION,
@@ -36,6 +44,8 @@ from codexnet.protocol import (
     PROTOCOL_VERSION,
     ApprovalDecision,
     ApprovalRequest,
+    CancelAck,
+    DecisionAck,
     Hello,
     Load,
     ProtocolError,
@@ -52,6 +62,8 @@ from codexnet.protocol import (
 )
 from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn
 from codexnet.proxy.server_requests import Approval
+from codexnet.proxy.store import ProxyStore, StoredTask
+from codexnet.statelock import hold_state_lock
 from codexnet.wsclient import connect_websocket
 
 log = logging.getLogger(__name__)
@@ -69,6 +81,7 @@ class ProxyRefused(Exception):
 @attrs.define(eq=False)
 class _Running:
     task: Task
+    deadline: float  # trio time: the task's timeout counts from when it was accepted
     cancel: trio.Event = attrs.Factory(trio.Event)
     changed: trio.Event = attrs.Factory(trio.Event)
     turn: Turn | None = None
@@ -85,23 +98,53 @@ class _Running:
         self.changed.set()
 
 
+def heartbeat_interval(timeout_s: float) -> float:
+    """Seconds until the next ping: a third of the timeout, jittered so a fleet spreads out."""
+    return timeout_s / 3 * random.uniform(0.8, 1.2)
+
+
 class ProxyService:
-    def __init__(self, config: ProxyConfig, app: AppServer) -> None:
+    def __init__(self, config: ProxyConfig, app: AppServer, *, store: ProxyStore | None = None):
         self._config = config
         self._app = app
+        self._store = store if store is not None else ProxyStore(config.state_dir)
         self._ws: WebSocketConnection | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._running: dict[str, _Running] = {}
         self._outbox: dict[str, TaskResult] = {}
         self._capacity = trio.Semaphore(config.capacity)
-        self._approval_counter = 0
         self._ssl_context = config.ssl_context()
+        self._last_heard = 0.0  # trio time of the last frame or pong from the manager
+        self.rtt: float | None = None  # the last heartbeat's round trip, seconds
+        self.connected = trio.Event()  # set while a session with the manager is up
 
     async def run(self) -> None:
-        """Serve until cancelled; raises `ProxyRefused` when the manager refuses us."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._app.serve)
-            await self._connect_loop(nursery)
+        """Serve until cancelled; raises `ProxyRefused` when the manager refuses us.
+
+        Raises `StateError` (before anything starts) when `proxy.db` is unusable.
+        """
+        with hold_state_lock(self._config.state_dir, "proxy"):
+            recovered = self._store.open()
+            try:
+                async with self._store.db.serving(), trio.open_nursery() as nursery:
+                    await nursery.start(self._app.serve)
+                    self._recover(recovered, nursery)
+                    await self._connect_loop(nursery)
+            finally:
+                self._store.db.close()
+
+    def _recover(self, recovered: list[StoredTask], tasks: trio.Nursery) -> None:
+        for stored in recovered:
+            if stored.result is not None:
+                self._outbox[stored.task.task_id] = stored.result
+            else:  # accepted, never started: the model has not seen it, run it now
+                self._start_runner(stored.task, stored.accepted, tasks)
+        if recovered:
+            log.info(
+                "state: %d task(s) to run, %d result(s) to send from before the restart",
+                len(self._running),
+                len(self._outbox),
+            )
 
     # ------------------------------------------------------------------ connection
 
@@ -126,6 +169,7 @@ class ProxyService:
                 log.error("manager sent a bad frame: %s", _first(group))
             finally:
                 self._ws = None
+                self.connected = trio.Event()
             if refused is not None:
                 raise ProxyRefused(refused)
             delay = backoff(RECONNECT_BACKOFF_S, failures)
@@ -142,21 +186,57 @@ class ProxyService:
         log.info(
             "connected to the manager at %s as %r", self._config.manager_ws, self._config.proxy_id
         )
+        self._last_heard = trio.current_time()
         self._ws = ws
-        await self._replay()
+        self.connected.set()
+        async with trio.open_nursery() as session:
+            session.start_soon(self._heartbeat, ws, session.cancel_scope)
+            await self._replay()
+            while True:
+                frame = decode_manager_frame(await ws.get_message())
+                self._last_heard = trio.current_time()
+                await self._on_frame(frame, tasks)
+
+    async def _heartbeat(self, ws: WebSocketConnection, session: trio.CancelScope) -> None:
+        """Ping the manager; a link silent for `heartbeat_timeout_s` is dropped.
+
+        A half-dead link (the laptop slept, a NAT entry expired) keeps its socket
+        open while bytes vanish: only a missing pong shows it. Dropping it makes
+        `_connect_loop` reconnect, and the outbox is replayed on the new link.
+        """
+        timeout = self._config.heartbeat_timeout_s
         while True:
-            frame = decode_manager_frame(await ws.get_message())
-            if isinstance(frame, Task):
-                self._accept_task(frame, tasks)
-            elif isinstance(frame, TaskCancel):
-                running = self._running.get(frame.task_id)
-                if running is not None:
-                    log.info("task %s: cancel requested", frame.task_id)
-                    running.cancel.set()
-            elif isinstance(frame, ApprovalDecision):
-                self._decide(frame)
-            elif isinstance(frame, ResultAck):
-                self._outbox.pop(frame.task_id, None)
+            await trio.sleep(heartbeat_interval(timeout))
+            sent = trio.current_time()
+            with trio.move_on_at(self._last_heard + timeout):
+                await ws.ping()
+                self._last_heard = trio.current_time()
+                self.rtt = self._last_heard - sent
+                continue
+            log.warning(
+                "no answer from the manager for %.0f s; dropping the link and reconnecting",
+                trio.current_time() - self._last_heard,
+            )
+            session.cancel()
+            return
+
+    async def _on_frame(self, frame: object, tasks: trio.Nursery) -> None:
+        if isinstance(frame, Task):
+            await self._accept_task(frame, tasks)
+        elif isinstance(frame, TaskCancel):
+            running = self._running.get(frame.task_id)
+            if running is not None and not running.cancel.is_set():
+                log.info("task %s: cancel requested", frame.task_id)
+                running.cancel.set()
+            # Acknowledged whatever we know: a finished or unknown task has
+            # nothing left to cancel, and the manager must stop re-sending.
+            await self._send(CancelAck(frame.task_id))
+        elif isinstance(frame, ApprovalDecision):
+            self._decide(frame)
+            await self._send(DecisionAck(frame.task_id, frame.approval_id))
+        elif isinstance(frame, ResultAck):
+            if self._outbox.pop(frame.task_id, None) is not None:
+                self._store.acked(frame.task_id)
 
     def _hello(self) -> Hello:
         return Hello(
@@ -182,7 +262,11 @@ class ProxyService:
                 await self._send(request)
 
     async def _send(self, frame: ProxyFrame) -> bool:
-        """Send if connected; False when the frame could not go out (it is not queued)."""
+        """Send if connected; False when the frame could not go out.
+
+        Nothing is queued here: what must arrive is kept elsewhere (the outbox,
+        the running tasks) and replayed after the next connect.
+        """
         ws = self._ws
         if ws is None:
             return False
@@ -195,37 +279,52 @@ class ProxyService:
 
     # ------------------------------------------------------------------ tasks
 
-    def _accept_task(self, task: Task, tasks: trio.Nursery) -> None:
-        if task.task_id in self._outbox:
+    async def _accept_task(self, task: Task, tasks: trio.Nursery) -> None:
+        task_id = task.task_id
+        if task_id in self._outbox:
             # The manager missed our result (it restarted); send it again.
-            tasks.start_soon(self._send, self._outbox[task.task_id])
+            await self._send(TaskAck(task_id))
+            await self._send(self._outbox[task_id])
             return
-        if task.task_id in self._running:
-            return  # a duplicate delivery of a task we already run
-        running = _Running(task)
+        if task_id in self._running or task_id in self._store.tombstones:
+            await self._send(TaskAck(task_id))  # a repeat: never run twice
+            return
+        accepted = time.time()
+        # Stored before it is acknowledged: once the manager hears task_ack it
+        # never sends the task again, so a crash here must not forget it.
+        try:
+            await self._store.accept(task, accepted)
+        except StateError as exc:
+            log.error("%s; task %s not taken (the manager will send it again)", exc, task_id)
+            return
+        self._start_runner(task, accepted, tasks)
+        await self._send(TaskAck(task_id))
+        log.info(
+            "task %s: accepted (chat %s, thread %s)",
+            task_id,
+            task.chat_id,
+            task.thread_id or "new",
+        )
+
+    def _start_runner(self, task: Task, accepted: float, tasks: trio.Nursery) -> None:
+        elapsed = max(0.0, time.time() - accepted)
+        running = _Running(task, deadline=trio.current_time() + task.timeout_s - elapsed)
         self._running[task.task_id] = running
         tasks.start_soon(self._run_task, running)
 
     async def _run_task(self, running: _Running) -> None:
         task = running.task
-        await self._send(TaskAck(task.task_id))
-        log.info(
-            "task %s: started (chat %s, thread %s)",
-            task.task_id,
-            task.chat_id,
-            task.thread_id or "new",
-        )
         result: TaskResult
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward, running)
-            if self._capacity.value == 0:
-                step = f"queued: all {self._config.capacity} slots of this machine are busy"
-                await self._send(TaskEvent(task.task_id, running.next_seq(), "progress", step))
-            async with self._capacity:
-                await self._send(Load(len(self._running), self._config.capacity))
-                result = await self._execute(running)
+            result = await self._run_within_capacity(running)
             nursery.cancel_scope.cancel()
         await self._flush(running)
+        # Stored before it is sent; kept until result_ack, even across a restart.
+        try:
+            await self._store.finish(result)
+        except StateError as exc:
+            log.error("%s; the result of task %s is kept in memory only", exc, task.task_id)
         self._outbox[task.task_id] = result
         del self._running[task.task_id]
         log.info(
@@ -237,43 +336,30 @@ class ProxyService:
         await self._send(result)
         await self._send(Load(len(self._running), self._config.capacity))
 
-    async def _execute(self, running: _Running) -> TaskResult:
+    async def _run_within_capacity(self, running: _Running) -> TaskResult:
         task = running.task
-
-        def on_turn(turn: Turn) -> None:
-            running.turn = turn
-
-        with trio.move_on_after(task.timeout_s) as deadline:
+        with trio.move_on_at(running.deadline) as deadline:
+            if self._capacity.value == 0:
+                step = f"queued: all {self._config.capacity} slots of this machine are busy"
+                await self._send(TaskEvent(task.task_id, running.next_seq(), "progress", step))
+            if not await self._acquire_or_cancel(running):
+                return TaskResult(task.task_id, "interrupted", thread_id=task.thread_id)
             try:
-                outcome = await self._app.run_turn(
-                    task.thread_id,
-                    task.prompt,
-                    on_change=running.poke,
-                    on_approval=partial(self._ask_approval, running),
-                    on_turn=on_turn,
-                    cancel=running.cancel,
-                )
-            except AppServerUnavailable as exc:
-                return TaskResult(task.task_id, "failed", error=str(exc), thread_id=task.thread_id)
-            except Exception as exc:  # error boundary: one task's bug never ends the proxy
-                log.exception("task %s failed inside the proxy", task.task_id)
-                return TaskResult(
-                    task.task_id, "failed", error=f"proxy error: {exc}", thread_id=task.thread_id
-                )
-            status = outcome.status
-            if status not in ("completed", "failed", "interrupted"):
-                status = "failed"
-            text = outcome.text
-            if outcome.notice:
-                text = f"{outcome.notice}\n\n{text}" if text else outcome.notice
-            return TaskResult(
-                task.task_id,
-                status,  # type: ignore[arg-type]
-                text=text,
-                thread_id=outcome.thread_id,
-                error=outcome.error,
-                usage=outcome.usage,
-            )
+                await self._send(Load(len(self._running), self._config.capacity))
+                # Marked before the turn starts: after a crash from here on, the
+                # model may have seen the prompt, so it is never run again.
+                try:
+                    await self._store.started(task.task_id)
+                except StateError as exc:
+                    return TaskResult(
+                        task.task_id,
+                        "failed",
+                        error=f"the proxy cannot record its state ({exc}); nothing was run",
+                        thread_id=task.thread_id,
+                    )
+                return await self._execute(running)
+            finally:
+                self._capacity.release()
         assert deadline.cancelled_caught
         turn = running.turn
         return TaskResult(
@@ -282,6 +368,63 @@ class ProxyService:
             text=turn.text if turn else "",
             thread_id=turn.thread_id if turn else task.thread_id,
             error=f"no answer within {task.timeout_s:.0f} s",
+        )
+
+    async def _acquire_or_cancel(self, running: _Running) -> bool:
+        """Take a capacity slot; False if the task is cancelled while it waits."""
+        if running.cancel.is_set():
+            return False
+        acquired = False
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_cancel() -> None:
+                await running.cancel.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_cancel)
+            await self._capacity.acquire()
+            acquired = True
+            nursery.cancel_scope.cancel()
+        if acquired and running.cancel.is_set():
+            self._capacity.release()
+            return False
+        return acquired
+
+    async def _execute(self, running: _Running) -> TaskResult:
+        task = running.task
+
+        def on_turn(turn: Turn) -> None:
+            running.turn = turn
+
+        try:
+            outcome = await self._app.run_turn(
+                task.thread_id,
+                task.prompt,
+                on_change=running.poke,
+                on_approval=partial(self._ask_approval, running),
+                on_turn=on_turn,
+                cancel=running.cancel,
+            )
+        except AppServerUnavailable as exc:
+            return TaskResult(task.task_id, "failed", error=str(exc), thread_id=task.thread_id)
+        except Exception as exc:  # error boundary: one task's bug never ends the proxy
+            log.exception("task %s failed inside the proxy", task.task_id)
+            return TaskResult(
+                task.task_id, "failed", error=f"proxy error: {exc}", thread_id=task.thread_id
+            )
+        status = outcome.status
+        if status not in ("completed", "failed", "interrupted"):
+            status = "failed"
+        text = outcome.text
+        if outcome.notice:
+            text = f"{outcome.notice}\n\n{text}" if text else outcome.notice
+        return TaskResult(
+            task.task_id,
+            status,  # type: ignore[arg-type]
+            text=text,
+            thread_id=outcome.thread_id,
+            error=outcome.error,
+            usage=outcome.usage,
         )
 
     async def _forward(self, running: _Running) -> None:
@@ -313,8 +456,8 @@ class ProxyService:
 
     async def _ask_approval(self, running: _Running, approval: Approval) -> str:
         """Forward an approval to the manager and wait for the person's decision."""
-        self._approval_counter += 1
-        approval_id = f"a{self._approval_counter}"
+        # Unique across restarts: the manager keys questions by (task, approval id).
+        approval_id = uuid.uuid4().hex[:12]
         request = ApprovalRequest(
             running.task.task_id, approval_id, approval.kind, approval.summary, approval.detail
         )
@@ -333,10 +476,10 @@ class ProxyService:
         running = self._running.get(frame.task_id)
         entry = running.approvals.get(frame.approval_id) if running else None
         if entry is None:
-            log.info("ignoring a decision for unknown approval %s", frame.approval_id)
+            log.debug("decision for an approval no longer open: %s", frame.approval_id)
             return
         _, decided, slot = entry
-        if not slot:
+        if not slot:  # the first decision wins; a repeat is applied once
             slot.append(frame.decision)
         decided.set()
 

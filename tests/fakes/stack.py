@@ -16,8 +16,7 @@ import attrs
 import trio
 
 from codexnet.config import ManagerConfig, ProxyConfig, ProxyEntry
-from codexnet.manager.hub import Hub
-from codexnet.manager.service import run_manager
+from codexnet.manager.service import Manager, run_manager
 from codexnet.proxy.appserver import AppServer
 from codexnet.proxy.service import ProxyService
 from tests.fakes.codex_env import require_codex, write_codex_home
@@ -76,8 +75,12 @@ def proxy_config(hub_port: int, workdir: Path, **changes: Any) -> ProxyConfig:
         http_proxy=None,
         https_proxy=None,
         no_proxy=None,
+        state_dir=workdir.parent / "proxy-state",
     )
-    return attrs.evolve(config, **changes)
+    config = attrs.evolve(config, **changes)
+    if "state_dir" not in changes and config.proxy_id != "proxy1":
+        config = attrs.evolve(config, state_dir=workdir.parent / f"proxy-state-{config.proxy_id}")
+    return config
 
 
 @attrs.define
@@ -93,31 +96,31 @@ class Stack:
         return self.tmp / "state"
 
     @asynccontextmanager
-    async def manager(self, **changes: Any) -> AsyncIterator[Hub]:
+    async def manager(self, **changes: Any) -> AsyncIterator[Manager]:
         """Run the manager until the block ends (a restart is two blocks)."""
         config = manager_config(self.telegram.base_url, self.state_dir, **changes)
         async with trio.open_nursery() as nursery:
-            hub: Hub = await nursery.start(run_manager, config)
+            manager: Manager = await nursery.start(run_manager, config)
             try:
-                yield hub
+                yield manager
             finally:
                 nursery.cancel_scope.cancel()
 
     @asynccontextmanager
     async def proxy(
-        self, hub: Hub | None = None, *, port: int = 0, **changes: Any
+        self, manager: Manager | None = None, *, port: int = 0, **changes: Any
     ) -> AsyncIterator[ProxyService]:
-        """Run a proxy for `hub` (waiting until it is online), or for whatever hub
-        listens on `port` (it keeps reconnecting, across manager restarts)."""
+        """Run a proxy for `manager` (waiting until it is online), or for whatever
+        manager listens on `port` (it keeps reconnecting, across manager restarts)."""
         workdir = self.tmp / "work"
         workdir.mkdir(exist_ok=True)
-        config = proxy_config(hub.port if hub else port, workdir, **changes)
+        config = proxy_config(manager.port if manager else port, workdir, **changes)
         service = ProxyService(config, AppServer(config, env=self.codex_env))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.run)
-            if hub is not None:
+            if manager is not None:
                 with trio.fail_after(60):
-                    await hub.wait_online(config.proxy_id)
+                    await manager.hub.wait_online(config.proxy_id)
             try:
                 yield service
             finally:

@@ -1,0 +1,115 @@
+"""A finished task's answer, delivered from the store until every part is in the chat.
+
+The outcome is in the journal before the proxy is told it may forget it; from
+there the answer is rendered (deterministically, so a restart resumes at the
+same part), and each part is sent and then counted in the store. A part is
+retried with backoff while Telegram is unreachable or failing, across
+restarts, until `delivery_give_up_s` after the task finished; only when every
+part is accepted (or given up, which is logged) does the task leave the
+journal. The live view's status message is closed with the task's final line
+first (an idempotent edit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+import trio
+
+from codexnet.manager.approvals import Approvals
+from codexnet.manager.grace import ShutdownGrace
+from codexnet.manager.liveview import LiveView
+from codexnet.manager.replies import DOCUMENT_AFTER_PARTS, Replies, answer_parts, plain_parts
+from codexnet.manager.store import ManagerStore, Outcome, TaskRecord
+
+log = logging.getLogger(__name__)
+
+FINISH_LINES: Final = {
+    "completed": "✅ Done",
+    "interrupted": "⏹ Cancelled",
+    "timeout": "⏱ Timed out",
+    "failed": "⚠️ Failed",
+}
+
+
+def describe_outcome(outcome: Outcome) -> str:
+    """The text the chat gets for a finished task."""
+    if outcome.line:
+        return outcome.line
+    text = outcome.text.strip()
+    if outcome.status == "completed":
+        return text or "(Codex finished without a text answer.)"
+    if outcome.status == "interrupted":
+        head = "⏹ Cancelled."
+    elif outcome.status == "timeout":
+        head = f"⏱ Timed out: {outcome.error}."
+    else:
+        head = f"⚠️ Codex failed: {outcome.error or 'unknown error'}"
+    return f"{head}\n\n{text}" if text else head
+
+
+def wall_to_trio(wall: float) -> float:
+    """A wall-clock instant on trio's clock (state survives restarts in wall time)."""
+    return trio.current_time() - (time.time() - wall)
+
+
+class Delivery:
+    def __init__(
+        self,
+        store: ManagerStore,
+        replies: Replies,
+        approvals: Approvals,
+        grace: ShutdownGrace,
+        *,
+        give_up_s: float,
+    ) -> None:
+        self._store = store
+        self._replies = replies
+        self._approvals = approvals
+        self._grace = grace
+        self._give_up_s = give_up_s
+
+    async def deliver(self, task: TaskRecord, view: LiveView | None) -> None:
+        outcome = task.outcome
+        assert outcome is not None
+        assert task.finished is not None
+        until = wall_to_trio(task.finished + self._give_up_s)
+        await self._approvals.expire_task(task)
+        if view is not None:
+            with self._grace.protect() as step:
+                await view.finish(FINISH_LINES.get(outcome.status, "⚠️ Failed"), until=until)
+            if step.cancelled_caught:
+                return  # shutting down: the next start picks it up from here
+        text = describe_outcome(outcome)
+        parts = plain_parts(text) if outcome.line else answer_parts(text)
+        with_document = len(parts) > DOCUMENT_AFTER_PARTS
+        total = len(parts) + int(with_document)
+        for index in range(task.parts_sent, total):
+            # Sending a part and counting it go together: a shutdown in between
+            # would send it again after the restart.
+            with self._grace.protect() as step:
+                if index < len(parts):
+                    sent = await self._replies.send_part(task.chat_id, parts[index], until=until)
+                    ok = sent is not None
+                else:
+                    ok = await self._replies.send_document(
+                        task.chat_id,
+                        "answer.md",
+                        (outcome.text if outcome.status == "completed" else text).encode(),
+                        f"The whole answer ({len(parts)} messages above).",
+                        until=until,
+                    )
+                if not ok:
+                    log.error(
+                        "chat %s: gave up on part %d/%d of task %s's answer",
+                        task.chat_id,
+                        index + 1,
+                        total,
+                        task.task_id,
+                    )
+                await self._store.mark_parts_sent(task, index + 1)
+            if step.cancelled_caught:
+                return  # shutting down: the next start resumes at the part not yet counted
+        await self._store.mark_done(task)

@@ -1,0 +1,245 @@
+"""The task journal in motion: what goes to which proxy, and what comes back.
+
+The dispatcher is the hub's listener. It owns the delivery rules between the
+manager and its proxies (docs/ARCHITECTURE.md, "Delivery"):
+
+* a task is journalled (with its prompt) before it is sent, and sent again on
+  every reconnect of its proxy until the proxy acknowledges it (`task_ack`);
+  the proxy drops repeats, so sending again is always safe;
+* a task the proxy acknowledged is never sent again; it ends with the proxy's
+  result, or when the proxy positively says it no longer has it (its `hello`
+  lists neither the task nor its result);
+* a result is stored durably before `result_ack`; a repeated or late result
+  is acknowledged and dropped;
+* `task_cancel` and `approval_decision` are kept until `cancel_ack` /
+  `decision_ack` and re-sent on every reconnect;
+* every frame naming a task is checked against the task's owner: a proxy
+  can only speak for its own tasks.
+
+Conversations (`conversation.py`) decide when a task is dispatched and what
+the chat sees; the dispatcher only moves state and frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from codexnet.manager.hub import Hub, ProxyConn
+from codexnet.manager.store import ApprovalRecord, ManagerStore, Outcome, TaskRecord
+from codexnet.protocol import (
+    ApprovalDecision,
+    ApprovalRequest,
+    CancelAck,
+    DecisionAck,
+    Hello,
+    ProxyFrame,
+    ResultAck,
+    Task,
+    TaskAck,
+    TaskCancel,
+    TaskEvent,
+    TaskResult,
+)
+
+log = logging.getLogger(__name__)
+
+FOREIGN_LOG_EVERY_S: Final = 60.0
+
+ApprovalHandler = Callable[[TaskRecord, ApprovalRequest], Awaitable[None]]
+
+
+async def _no_approvals(task: TaskRecord, request: ApprovalRequest) -> None:
+    log.warning("task %s: no approval handler; the request will time out", task.task_id)
+
+
+class Dispatcher:
+    def __init__(self, store: ManagerStore, hub: Hub) -> None:
+        self._store = store
+        self._hub = hub
+        self.on_approval: ApprovalHandler = _no_approvals
+        self._foreign_logged: dict[str, float] = {}
+        hub.listener = self
+
+    # ------------------------------------------------------------------ outgoing
+
+    async def dispatch(self, task: TaskRecord, proxy_id: str, thread_id: str | None) -> None:
+        """Hand `task` to `proxy_id` (journalled first; sent now if it is online)."""
+        await self._store.mark_dispatched(task, proxy_id, thread_id)
+        task.poke()
+        await self._hub.send(proxy_id, self._task_frame(task))
+
+    async def finish(self, task: TaskRecord, outcome: Outcome) -> None:
+        """End `task` here (a manager-side failure, or the proxy's result)."""
+        if task.state in ("finished", "done"):
+            return
+        await self._store.mark_finished(task, outcome)
+        task.poke()
+
+    async def request_cancel(self, task: TaskRecord) -> None:
+        """The person asked to stop `task`; a queued one is ended by its conversation."""
+        if task.cancel or task.state in ("finished", "done"):
+            return
+        await self._store.set_cancel(task, "requested")
+        task.poke()
+        if task.state in ("sent", "acked") and task.proxy_id:
+            await self._hub.send(task.proxy_id, TaskCancel(task.task_id))
+
+    async def send_decision(self, approval: ApprovalRecord) -> None:
+        task = self._store.tasks.get(approval.task_id)
+        if task is None or task.proxy_id is None or approval.decision is None:
+            return
+        await self._hub.send(task.proxy_id, self._decision_frame(approval))
+
+    def _task_frame(self, task: TaskRecord) -> Task:
+        return Task(task.task_id, task.chat_id, task.prompt, task.thread_id, task.timeout_s)
+
+    @staticmethod
+    def _decision_frame(approval: ApprovalRecord) -> ApprovalDecision:
+        return ApprovalDecision(
+            approval.task_id,
+            approval.approval_id,
+            approval.decision,  # type: ignore[arg-type]
+        )
+
+    # ------------------------------------------------------------------ hub events
+
+    async def proxy_online(self, conn: ProxyConn, hello: Hello) -> None:
+        """Reconcile with what the proxy says it holds; send what it has not acknowledged."""
+        held = set(hello.running) | set(hello.finished)
+        mine = [t for t in self._store.open_tasks() if t.proxy_id == conn.proxy_id]
+        for task in mine:
+            if task.state == "sent":
+                await conn.send(self._task_frame(task))
+            elif task.state == "acked" and task.task_id not in held:
+                log.warning(
+                    "task %s: proxy %r no longer has it (its state was reset?)",
+                    task.task_id,
+                    conn.proxy_id,
+                )
+                await self.finish(
+                    task,
+                    Outcome(
+                        "failed",
+                        line=(
+                            f"⚠️ proxy {conn.proxy_id} no longer has this task (its state was "
+                            "lost or reset); please send it again"
+                        ),
+                    ),
+                )
+        for task in mine:  # cancels after the tasks they refer to
+            if task.state in ("sent", "acked") and task.cancel == "requested":
+                await conn.send(TaskCancel(task.task_id))
+        for approval in list(self._store.approvals.values()):
+            owner_task = self._store.tasks.get(approval.task_id)
+            owner = owner_task.proxy_id if owner_task else None
+            if owner == conn.proxy_id and approval.decision and not approval.decision_acked:
+                await conn.send(self._decision_frame(approval))
+        for task in mine:
+            task.poke()  # live views: the machine is back
+
+    def proxy_offline(self, conn: ProxyConn) -> None:
+        for task in self._store.open_tasks():
+            if task.proxy_id == conn.proxy_id:
+                task.poke()
+
+    async def on_frame(self, conn: ProxyConn, frame: ProxyFrame) -> None:
+        task_id = getattr(frame, "task_id", None)
+        if task_id is None:
+            return
+        task = self._store.tasks.get(task_id)
+        if task is None:
+            if isinstance(frame, TaskResult):
+                # Finished long ago (a late duplicate) or never ours: the proxy may let it go.
+                log.debug("result for a task not open here: %s", task_id)
+                await conn.send(ResultAck(task_id))
+            else:
+                log.debug("%s for a task not open here: %s", frame.type, task_id)
+            return
+        if task.proxy_id != conn.proxy_id:
+            self._foreign(conn, task, frame)
+            return
+        if isinstance(frame, TaskAck):
+            if task.state == "sent":
+                self._store.mark_acked(task)
+                task.poke()
+        elif isinstance(frame, TaskEvent):
+            if self._apply(task, frame):
+                task.poke()
+        elif isinstance(frame, ApprovalRequest):
+            if task.state in ("sent", "acked"):
+                await self.on_approval(task, frame)
+        elif isinstance(frame, TaskResult):
+            if task.state in ("sent", "acked"):
+                await self.finish(
+                    task,
+                    Outcome(
+                        frame.status,
+                        text=frame.text,
+                        error=frame.error,
+                        thread_id=frame.thread_id,
+                        usage=dict(frame.usage),
+                    ),
+                )
+            # Stored (or stored before): now, and only now, the proxy may forget it.
+            await conn.send(ResultAck(task_id))
+        elif isinstance(frame, CancelAck):
+            if task.cancel == "requested":
+                task.cancel = "acked"
+                self._store.db.write_soon(
+                    lambda c: c.execute(
+                        "UPDATE tasks SET cancel = 'acked' WHERE task_id = ?", (task_id,)
+                    )
+                )
+        elif isinstance(frame, DecisionAck):
+            approval = self._store.approval(task_id, frame.approval_id)
+            if approval is not None and not approval.decision_acked:
+                approval.decision_acked = True
+                await self._store.save_approval(approval, wait=False)
+
+    @staticmethod
+    def _apply(task: TaskRecord, event: TaskEvent) -> bool:
+        """Apply a live event once; False for a duplicate or stale one."""
+        if event.seq <= task.last_seq:
+            return False
+        task.last_seq = event.seq
+        if event.kind == "delta":
+            task.text += event.text
+        elif event.kind == "snapshot":
+            task.text = event.text
+        elif event.kind == "progress":
+            task.step = event.text
+        return True
+
+    def _foreign(self, conn: ProxyConn, task: TaskRecord, frame: ProxyFrame) -> None:
+        """A proxy spoke for a task it does not own: drop it, say so (rate-limited)."""
+        now = time.monotonic()
+        if now - self._foreign_logged.get(conn.proxy_id, -FOREIGN_LOG_EVERY_S) >= (
+            FOREIGN_LOG_EVERY_S
+        ):
+            self._foreign_logged[conn.proxy_id] = now
+            log.warning(
+                "proxy %r sent %s for task %s, which belongs to %r: dropped",
+                conn.proxy_id,
+                frame.type,
+                task.task_id,
+                task.proxy_id,
+            )
+
+
+async def wait_task_change(task: TaskRecord, hub: Hub, deadline: float) -> None:
+    """Sleep until `task` changes, a proxy goes on/offline, or the trio `deadline`."""
+    changed = task.changed
+    with trio.move_on_at(deadline):
+        async with trio.open_nursery() as nursery:
+
+            async def on(event: Callable[[], Awaitable[None]]) -> None:
+                await event()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on, changed.wait)
+            nursery.start_soon(on, hub.wait_change)

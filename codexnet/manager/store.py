@@ -1,0 +1,602 @@
+"""The manager's durable state: one SQLite database, `state_dir/codexnet.db`.
+
+It holds everything a restart must not lose:
+
+* **conversations**, keyed by (chat, topic): the pinned proxy, one Codex
+  thread id per proxy (a thread lives in one machine's CODEX_HOME), and the
+  reset flag;
+* the Telegram update **offset**;
+* the **task journal**: every prompt from the moment it arrived (before the
+  update's offset moves past it), with all it needs to be sent again, its
+  state (`queued` → `sent` → `acked` → `finished` → `done`), the pending
+  cancel, its result until every part of the answer is in the chat, and its
+  live view (status message id and Cancel-button key);
+* **approvals**: each question keyed by (task, approval id), its button key,
+  its message, and the decision until the proxy acknowledged it.
+
+The running manager reads nothing from the database: `open()` loads it into
+the in-memory mirror below, and each event writes its own rows (no file is
+rewritten whole), through the group-committing writer of `codexnet.db`.
+State files of earlier versions (`sessions.json`, `offset.json`, `tasks.json`)
+are imported once and renamed `*.imported`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import attrs
+import trio
+
+from codexnet.db import Database
+
+log = logging.getLogger(__name__)
+
+DONE_KEEP_DAYS: Final = 7  # finished tasks are kept this long (late duplicates are recognised)
+
+TaskState = Literal["queued", "sent", "acked", "finished", "done"]
+ConversationKey = tuple[int, int]  # (chat id, topic id; 0 outside forum topics)
+
+MIGRATIONS: Final = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE conversations (
+        chat_id INTEGER NOT NULL,
+        topic INTEGER NOT NULL DEFAULT 0,
+        proxy TEXT,
+        reset INTEGER NOT NULL DEFAULT 0,
+        updated REAL NOT NULL,
+        PRIMARY KEY (chat_id, topic)
+    );
+    CREATE TABLE threads (
+        chat_id INTEGER NOT NULL,
+        topic INTEGER NOT NULL DEFAULT 0,
+        proxy_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        PRIMARY KEY (chat_id, topic, proxy_id)
+    );
+    CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        chat_id INTEGER NOT NULL,
+        topic INTEGER NOT NULL DEFAULT 0,
+        prompt TEXT NOT NULL,
+        created REAL NOT NULL,
+        state TEXT NOT NULL,
+        proxy_id TEXT,
+        thread_id TEXT,
+        timeout_s REAL,
+        dispatched REAL,
+        acked REAL,
+        cancel TEXT NOT NULL DEFAULT '',
+        outcome TEXT,
+        finished REAL,
+        parts_sent INTEGER NOT NULL DEFAULT 0,
+        view_message_id INTEGER,
+        view_key TEXT,
+        update_id INTEGER,
+        done REAL
+    );
+    CREATE UNIQUE INDEX tasks_by_update ON tasks(update_id) WHERE update_id IS NOT NULL;
+    CREATE INDEX tasks_by_state ON tasks(state);
+    CREATE TABLE approvals (
+        task_id TEXT NOT NULL,
+        approval_id TEXT NOT NULL,
+        key TEXT NOT NULL UNIQUE,
+        chat_id INTEGER NOT NULL,
+        topic INTEGER NOT NULL DEFAULT 0,
+        kind TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        asked REAL NOT NULL,
+        message_id INTEGER,
+        state TEXT NOT NULL,
+        decision TEXT,
+        outcome TEXT,
+        decision_acked INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, approval_id)
+    )
+    """,
+)
+
+
+@attrs.define
+class Conversation:
+    proxy: str | None = None
+    threads: dict[str, str] = attrs.Factory(dict)
+    reset: bool = False
+
+
+@attrs.frozen
+class Outcome:
+    """How a task ended, as the chat will be told (the proxy's result or our own failure)."""
+
+    status: str  # completed | failed | interrupted | timeout
+    text: str = ""
+    error: str | None = None
+    thread_id: str | None = None
+    usage: dict[str, int] = attrs.Factory(dict)
+    line: str | None = None  # a manager-side ending: exactly the line the chat gets
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> Outcome:
+        data = json.loads(raw)
+        return cls(
+            status=str(data["status"]),
+            text=str(data.get("text") or ""),
+            error=data.get("error"),
+            thread_id=data.get("thread_id"),
+            usage={str(k): int(v) for k, v in (data.get("usage") or {}).items()},
+            line=data.get("line"),
+        )
+
+
+@attrs.define(eq=False)
+class TaskRecord:
+    """One prompt's journey; the in-memory mirror of a `tasks` row (plus live state)."""
+
+    task_id: str
+    seq: int
+    chat_id: int
+    topic: int
+    prompt: str
+    created: float  # wall clock
+    state: TaskState = "queued"
+    proxy_id: str | None = None
+    thread_id: str | None = None  # the thread it continues (None: a new one)
+    timeout_s: float = 1800.0
+    dispatched: float | None = None
+    acked: float | None = None
+    cancel: str = ""  # "" | "requested" | "acked"
+    outcome: Outcome | None = None
+    finished: float | None = None
+    parts_sent: int = 0
+    view_message_id: int | None = None
+    view_key: str | None = None
+    update_id: int | None = None  # the Telegram update it came from
+    # Runtime only (rebuilt from events after a restart):
+    text: str = ""
+    step: str = ""
+    last_seq: int = 0
+    persisted: trio.Event = attrs.Factory(trio.Event)
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def conversation(self) -> ConversationKey:
+        return (self.chat_id, self.topic)
+
+    def poke(self) -> None:
+        """Something the live view shows changed."""
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@attrs.define(eq=False)
+class ApprovalRecord:
+    task_id: str
+    approval_id: str
+    key: str  # the button's callback key
+    chat_id: int
+    topic: int
+    kind: str
+    summary: str
+    detail: str
+    asked: float  # wall clock
+    message_id: int | None = None
+    state: str = "open"  # open | decided | closed
+    decision: str | None = None
+    outcome: str | None = None  # the line the message shows once closed
+    decision_acked: bool = False
+
+    @property
+    def pending(self) -> bool:
+        """Still something to do: a question to answer, or a decision the proxy has not got."""
+        return self.state != "closed" or (self.decision is not None and not self.decision_acked)
+
+
+class ManagerStore:
+    def __init__(self, state_dir: Path | str, *, inline_writes: bool = False) -> None:
+        self.state_dir = Path(state_dir)
+        memory = str(state_dir) == ":memory:"
+        path = ":memory:" if memory else self.state_dir / "codexnet.db"
+        self.db = Database(path, MIGRATIONS, inline=inline_writes)
+        self._memory = memory
+        self.offset: int | None = None
+        self.conversations: dict[ConversationKey, Conversation] = {}
+        self.tasks: dict[str, TaskRecord] = {}  # not yet done
+        self.done: set[str] = set()  # done within DONE_KEEP_DAYS: late results are dropped
+        # Updates that became tasks: one redelivered after a crash is not run twice.
+        self.updates: set[int] = set()
+        self.approvals: dict[str, ApprovalRecord] = {}  # by key; open or not yet acked
+        self._seq = 0
+
+    # ------------------------------------------------------------------ start-up
+
+    def open(self) -> None:
+        """Open, migrate, import old JSON state, load the mirror; raises `StateError`."""
+        self.db.open()
+        if not self._memory:
+            self._import_json()
+        cutoff = time.time() - DONE_KEEP_DAYS * 86400
+
+        def prune(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM tasks WHERE state = 'done' AND done < ?", (cutoff,))
+            c.execute(
+                "DELETE FROM approvals WHERE state = 'closed' AND asked < ?"
+                " AND (decision IS NULL OR decision_acked = 1)",
+                (cutoff,),
+            )
+
+        self.db.write_now(prune, durable=False)
+        self.db.read(self._load)
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'offset'").fetchone()
+        self.offset = int(row[0]) if row else None
+        for chat_id, topic, proxy, reset in conn.execute(
+            "SELECT chat_id, topic, proxy, reset FROM conversations"
+        ):
+            self.conversations[(chat_id, topic)] = Conversation(proxy, {}, bool(reset))
+        for chat_id, topic, proxy_id, thread_id in conn.execute(
+            "SELECT chat_id, topic, proxy_id, thread_id FROM threads"
+        ):
+            self.conversation((chat_id, topic)).threads[proxy_id] = thread_id
+        self._seq = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()[0])
+        for task_id, update_id in conn.execute(
+            "SELECT task_id, update_id FROM tasks WHERE state = 'done'"
+        ):
+            self.done.add(task_id)
+            if update_id is not None:
+                self.updates.add(update_id)
+        for row in conn.execute(
+            "SELECT task_id, seq, chat_id, topic, prompt, created, state, proxy_id, thread_id,"
+            " timeout_s, dispatched, acked, cancel, outcome, finished, parts_sent,"
+            " view_message_id, view_key, update_id FROM tasks WHERE state != 'done' ORDER BY seq"
+        ):
+            task = TaskRecord(
+                task_id=row[0],
+                seq=row[1],
+                chat_id=row[2],
+                topic=row[3],
+                prompt=row[4],
+                created=row[5],
+                state=row[6],
+                proxy_id=row[7],
+                thread_id=row[8],
+                timeout_s=row[9] if row[9] is not None else 1800.0,
+                dispatched=row[10],
+                acked=row[11],
+                cancel=row[12],
+                outcome=Outcome.from_json(row[13]) if row[13] else None,
+                finished=row[14],
+                parts_sent=row[15],
+                view_message_id=row[16],
+                view_key=row[17],
+                update_id=row[18],
+            )
+            if task.update_id is not None:
+                self.updates.add(task.update_id)
+            task.persisted.set()
+            self.tasks[task.task_id] = task
+        for row in conn.execute(
+            "SELECT task_id, approval_id, key, chat_id, topic, kind, summary, detail, asked,"
+            " message_id, state, decision, outcome, decision_acked FROM approvals"
+            " WHERE state != 'closed' OR (decision IS NOT NULL AND decision_acked = 0)"
+        ):
+            approval = ApprovalRecord(*row[:13])
+            approval.decision_acked = bool(row[13])
+            self.approvals[approval.key] = approval
+
+    def _import_json(self) -> None:
+        """Bring in the JSON state of codexnet before the SQLite store, once."""
+        sessions = self.state_dir / "sessions.json"
+        offset = self.state_dir / "offset.json"
+        journal = self.state_dir / "tasks.json"
+        present = [p for p in (sessions, offset, journal) if p.exists()]
+        if not present:
+            return
+
+        def fn(conn: sqlite3.Connection) -> None:
+            data = _read_json(sessions)
+            chats = data.get("chats", {}) if isinstance(data, dict) else {}
+            now = time.time()
+            for key, raw in chats.items():
+                try:
+                    chat_id = int(key)
+                    threads = {str(k): str(v) for k, v in (raw.get("threads") or {}).items()}
+                    conn.execute(
+                        "INSERT OR REPLACE INTO conversations (chat_id, topic, proxy, reset,"
+                        " updated) VALUES (?, 0, ?, ?, ?)",
+                        (chat_id, raw.get("proxy"), int(bool(raw.get("reset"))), now),
+                    )
+                    for proxy_id, thread_id in threads.items():
+                        conn.execute(
+                            "INSERT OR REPLACE INTO threads VALUES (?, 0, ?, ?)",
+                            (chat_id, proxy_id, thread_id),
+                        )
+                except (ValueError, AttributeError, TypeError):
+                    log.error("%s: skipping malformed entry for chat %r", sessions, key)
+            data = _read_json(offset)
+            if isinstance(data, dict) and isinstance(data.get("offset"), int):
+                _set_meta(conn, "offset", str(data["offset"]))
+            data = _read_json(journal)
+            entries = data.get("tasks", []) if isinstance(data, dict) else []
+            for seq, raw in enumerate(entries, start=1):
+                # The old journal kept no prompt: such a task can only be followed
+                # to its answer (if its proxy still has it) or reported lost.
+                try:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO tasks (task_id, seq, chat_id, topic, prompt,"
+                        " created, state, proxy_id, dispatched, acked)"
+                        " VALUES (?, ?, ?, 0, '', ?, 'acked', ?, ?, ?)",
+                        (
+                            str(raw["task_id"]),
+                            seq,
+                            int(raw["chat_id"]),
+                            float(raw["started"]),
+                            str(raw["proxy_id"]),
+                            float(raw["started"]),
+                            float(raw["started"]),
+                        ),
+                    )
+                except (KeyError, ValueError, TypeError):
+                    log.error("%s: skipping malformed entry %r", journal, raw)
+
+        self.db.write_now(fn)
+        for path in present:
+            os.replace(path, path.with_name(f"{path.name}.imported"))
+        log.info("imported %s into %s", ", ".join(p.name for p in present), self.db.path)
+
+    # ------------------------------------------------------------------ reading (memory)
+
+    def conversation(self, key: ConversationKey) -> Conversation:
+        return self.conversations.setdefault(key, Conversation())
+
+    def open_tasks(self, key: ConversationKey | None = None) -> list[TaskRecord]:
+        tasks = sorted(self.tasks.values(), key=lambda t: t.seq)
+        return [t for t in tasks if key is None or t.conversation == key]
+
+    def approval(self, task_id: str, approval_id: str) -> ApprovalRecord | None:
+        for approval in self.approvals.values():
+            if approval.task_id == task_id and approval.approval_id == approval_id:
+                return approval
+        return None
+
+    # ------------------------------------------------------------------ offset
+
+    async def save_offset(self, offset: int) -> None:
+        if offset == self.offset:
+            return
+        self.offset = offset
+        await self.db.write(lambda c: _set_meta(c, "offset", str(offset)), durable=True)
+
+    # ------------------------------------------------------------------ conversations
+
+    async def save_conversation(self, key: ConversationKey) -> None:
+        conv = self.conversation(key)
+        proxy, reset, threads = conv.proxy, conv.reset, dict(conv.threads)
+        await self.db.write(lambda c: _write_conversation(c, key, proxy, reset, threads))
+
+    # ------------------------------------------------------------------ tasks
+
+    def new_task(
+        self,
+        chat_id: int,
+        topic: int,
+        prompt: str,
+        *,
+        task_id: str,
+        timeout_s: float,
+        update_id: int | None = None,
+    ) -> TaskRecord:
+        """A new prompt; `add_task` makes it durable."""
+        self._seq += 1
+        task = TaskRecord(task_id, self._seq, chat_id, topic, prompt, time.time())
+        task.timeout_s = timeout_s
+        task.update_id = update_id
+        self.tasks[task_id] = task
+        if update_id is not None:
+            self.updates.add(update_id)
+        return task
+
+    async def add_task(self, task: TaskRecord) -> None:
+        values = (
+            task.task_id,
+            task.seq,
+            task.chat_id,
+            task.topic,
+            task.prompt,
+            task.created,
+            task.state,
+            task.timeout_s,
+            task.update_id,
+        )
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO tasks (task_id, seq, chat_id, topic, prompt, created, state,"
+                " timeout_s, update_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+
+        try:
+            await self.db.write(fn, durable=True)
+        except BaseException:
+            self.tasks.pop(task.task_id, None)
+            if task.update_id is not None:
+                self.updates.discard(task.update_id)
+            raise
+        task.persisted.set()
+
+    async def mark_dispatched(self, task: TaskRecord, proxy_id: str, thread_id: str | None) -> None:
+        """Durable before the task frame is sent: the task belongs to `proxy_id` from now on."""
+        task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
+        task.dispatched = time.time()
+        values = (proxy_id, thread_id, task.dispatched, task.task_id)
+        await self.db.write(
+            lambda c: c.execute(
+                "UPDATE tasks SET state = 'sent', proxy_id = ?, thread_id = ?, dispatched = ?"
+                " WHERE task_id = ?",
+                values,
+            ),
+            durable=True,
+        )
+
+    def mark_acked(self, task: TaskRecord) -> None:
+        # Losing this write only means the task is sent once more; the proxy drops repeats.
+        task.state, task.acked = "acked", time.time()
+        values = (task.acked, task.task_id)
+        self.db.write_soon(
+            lambda c: c.execute(
+                "UPDATE tasks SET state = 'acked', acked = ? WHERE task_id = ? AND state = 'sent'",
+                values,
+            )
+        )
+
+    async def set_cancel(self, task: TaskRecord, cancel: str) -> None:
+        task.cancel = cancel
+        values = (cancel, task.task_id)
+        await self.db.write(
+            lambda c: c.execute("UPDATE tasks SET cancel = ? WHERE task_id = ?", values)
+        )
+
+    async def mark_finished(self, task: TaskRecord, outcome: Outcome) -> None:
+        """The result is durable (then, and only then, the proxy may forget it).
+
+        In the same transaction the conversation remembers the thread the task
+        ran on, and sticks to its proxy.
+        """
+        task.state, task.outcome, task.finished = "finished", outcome, time.time()
+        key = task.conversation
+        conv = self.conversation(key)
+        if outcome.thread_id and task.proxy_id:
+            conv.threads[task.proxy_id] = outcome.thread_id
+            conv.reset = False
+            conv.proxy = task.proxy_id  # sticky: the conversation lives on this machine now
+        proxy, reset, threads = conv.proxy, conv.reset, dict(conv.threads)
+        values = (outcome.to_json(), task.finished, task.task_id)
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE tasks SET state = 'finished', outcome = ?, finished = ? WHERE task_id = ?",
+                values,
+            )
+            if outcome.thread_id:
+                _write_conversation(c, key, proxy, reset, threads)
+
+        await self.db.write(fn, durable=True)
+
+    async def mark_parts_sent(self, task: TaskRecord, parts: int) -> None:
+        task.parts_sent = parts
+        values = (parts, task.task_id)
+        await self.db.write(
+            lambda c: c.execute("UPDATE tasks SET parts_sent = ? WHERE task_id = ?", values)
+        )
+
+    async def mark_done(self, task: TaskRecord) -> None:
+        """Every part of the answer is in the chat: the task leaves the journal."""
+        task.state = "done"
+        self.tasks.pop(task.task_id, None)
+        self.done.add(task.task_id)
+        values = (time.time(), task.task_id)
+        await self.db.write(
+            lambda c: c.execute(
+                "UPDATE tasks SET state = 'done', done = ?, prompt = '', outcome = NULL"
+                " WHERE task_id = ?",
+                values,
+            )
+        )
+
+    def save_view(self, task: TaskRecord) -> None:
+        values = (task.view_message_id, task.view_key, task.task_id)
+        self.db.write_soon(
+            lambda c: c.execute(
+                "UPDATE tasks SET view_message_id = ?, view_key = ? WHERE task_id = ?", values
+            )
+        )
+
+    # ------------------------------------------------------------------ approvals
+
+    async def add_approval(self, approval: ApprovalRecord) -> None:
+        self.approvals[approval.key] = approval
+        values = (*attrs.astuple(approval)[:13], int(approval.decision_acked))
+        await self.db.write(
+            lambda c: c.execute(
+                "INSERT OR IGNORE INTO approvals (task_id, approval_id, key, chat_id, topic,"
+                " kind, summary, detail, asked, message_id, state, decision, outcome,"
+                " decision_acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+        )
+
+    async def save_approval(self, approval: ApprovalRecord, *, wait: bool = True) -> None:
+        values = (
+            approval.message_id,
+            approval.state,
+            approval.decision,
+            approval.outcome,
+            int(approval.decision_acked),
+            approval.task_id,
+            approval.approval_id,
+        )
+        if not approval.pending:
+            self.approvals.pop(approval.key, None)
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE approvals SET message_id = ?, state = ?, decision = ?, outcome = ?,"
+                " decision_acked = ? WHERE task_id = ? AND approval_id = ?",
+                values,
+            )
+
+        if wait:
+            await self.db.write(fn)
+        else:
+            self.db.write_soon(fn)
+
+    def approvals_of(self, task_id: str) -> Iterable[ApprovalRecord]:
+        return [a for a in self.approvals.values() if a.task_id == task_id]
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _write_conversation(
+    conn: sqlite3.Connection,
+    key: ConversationKey,
+    proxy: str | None,
+    reset: bool,
+    threads: dict[str, str],
+) -> None:
+    chat_id, topic = key
+    conn.execute(
+        "INSERT OR REPLACE INTO conversations (chat_id, topic, proxy, reset, updated)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (chat_id, topic, proxy, int(reset), time.time()),
+    )
+    conn.execute("DELETE FROM threads WHERE chat_id = ? AND topic = ?", (chat_id, topic))
+    conn.executemany(
+        "INSERT INTO threads (chat_id, topic, proxy_id, thread_id) VALUES (?, ?, ?, ?)",
+        [(chat_id, topic, p, t) for p, t in threads.items()],
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        log.error("%s is unreadable (%s); not imported", path, exc)
+        return None

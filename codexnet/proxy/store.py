@@ -1,0 +1,155 @@
+"""The proxy's durable state: which tasks it took, ran, and finished (`proxy.db`).
+
+This is what lets the proxy keep its two promises across a crash or restart:
+
+* **a task is never run twice on the model.** A task is stored before it is
+  acknowledged (`accept`), and marked `started` before its turn is started.
+  After a restart, a task still `accepted` runs now (the model never saw it);
+  a task that was `started` gets a "the proxy restarted during this task"
+  result instead of running again. A repeated `task` frame for a known id is
+  acknowledged and not run; finished ids are kept as tombstones for
+  `TOMBSTONE_DAYS` so even a late duplicate is recognised.
+* **a result is never lost.** It is stored (`finish`) before it is sent and
+  kept until the manager's `result_ack`, then replayed after every reconnect.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+from codexnet.db import Database
+from codexnet.protocol import Task, TaskResult, decode_manager_frame, decode_proxy_frame, encode
+
+TOMBSTONE_DAYS: Final = 7
+
+MIGRATIONS: Final = (
+    """
+    CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        frame TEXT NOT NULL,           -- the task frame as received (JSON)
+        state TEXT NOT NULL,           -- accepted | started | finished | acked
+        accepted REAL NOT NULL,        -- wall clock: the task's timeout counts from here
+        result TEXT,                   -- the task_result frame (JSON) once finished
+        updated REAL NOT NULL
+    );
+    CREATE INDEX tasks_state ON tasks(state)
+    """,
+)
+
+RESTARTED_ERROR: Final = (
+    "the proxy restarted while this turn was running, so the turn was stopped; "
+    "send the message again to retry"
+)
+
+
+@attrs.frozen
+class StoredTask:
+    task: Task
+    state: str
+    accepted: float
+    result: TaskResult | None
+
+
+class ProxyStore:
+    def __init__(self, state_dir: Path | str) -> None:
+        path = ":memory:" if str(state_dir) == ":memory:" else Path(state_dir) / "proxy.db"
+        self.db = Database(path, MIGRATIONS)
+        # Ids whose result the manager acknowledged (kept TOMBSTONE_DAYS): a
+        # repeated task frame for one of them is acknowledged, never run again.
+        self.tombstones: set[str] = set()
+
+    def open(self) -> list[StoredTask]:
+        """Open the database and recover: the tasks to run, and the results to send.
+
+        A task that was `started` when the last process died is finished here
+        with `RESTARTED_ERROR` (its turn died with that process's app-server).
+        """
+        self.db.open()
+        cutoff = time.time() - TOMBSTONE_DAYS * 86400
+
+        def prune(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM tasks WHERE state = 'acked' AND updated < ?", (cutoff,))
+
+        self.db.write_now(prune, durable=False)
+        self.tombstones = set(
+            self.db.read(
+                lambda conn: [
+                    row[0]
+                    for row in conn.execute("SELECT task_id FROM tasks WHERE state = 'acked'")
+                ]
+            )
+        )
+        rows = self.db.read(
+            lambda conn: conn.execute(
+                "SELECT frame, state, accepted, result FROM tasks WHERE state != 'acked' "
+                "ORDER BY accepted"
+            ).fetchall()
+        )
+        recovered = []
+        for frame, state, accepted, result in rows:
+            task = decode_manager_frame(frame)
+            assert isinstance(task, Task)
+            stored_result = None
+            if result is not None:
+                decoded = decode_proxy_frame(result)
+                assert isinstance(decoded, TaskResult)
+                stored_result = decoded
+            if state == "started":
+                stored_result = TaskResult(
+                    task.task_id, "failed", error=RESTARTED_ERROR, thread_id=task.thread_id
+                )
+                self.db.write_now(self._finish_fn(stored_result))
+                state = "finished"
+            recovered.append(StoredTask(task, state, float(accepted), stored_result))
+        return recovered
+
+    async def accept(self, task: Task, accepted: float) -> None:
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO tasks (task_id, frame, state, accepted, updated) "
+                "VALUES (?, ?, 'accepted', ?, ?)",
+                (task.task_id, encode(task), accepted, time.time()),
+            )
+
+        await self.db.write(fn, durable=True)
+
+    async def started(self, task_id: str) -> None:
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE tasks SET state = 'started', updated = ? WHERE task_id = ?",
+                (time.time(), task_id),
+            )
+
+        await self.db.write(fn, durable=True)
+
+    async def finish(self, result: TaskResult) -> None:
+        await self.db.write(self._finish_fn(result), durable=True)
+
+    @staticmethod
+    def _finish_fn(result: TaskResult) -> Callable[[sqlite3.Connection], None]:
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE tasks SET state = 'finished', result = ?, updated = ? WHERE task_id = ?",
+                (encode(result), time.time(), result.task_id),
+            )
+
+        return fn
+
+    def acked(self, task_id: str) -> None:
+        """The manager has the result: keep only a tombstone (losing this write is harmless)."""
+        self.tombstones.add(task_id)
+
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE tasks SET state = 'acked', result = NULL, frame = '{}', updated = ? "
+                "WHERE task_id = ? AND state = 'finished'",
+                (time.time(), task_id),
+            )
+
+        self.db.write_soon(fn)

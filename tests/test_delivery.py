@@ -1,0 +1,244 @@
+"""Answers delivered from the store: formatting, splitting, the document, outages, restarts.
+
+The real store (SQLite in a temp dir), outbox and delivery against the
+in-memory fake Bot API, in virtual time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from codexnet.manager.approvals import Approvals
+from codexnet.manager.delivery import Delivery
+from codexnet.manager.grace import ShutdownGrace
+from codexnet.manager.outbox import Outbox
+from codexnet.manager.replies import Replies
+from codexnet.manager.service import open_store
+from codexnet.manager.store import ManagerStore, Outcome, TaskRecord
+from codexnet.manager.telegram import TelegramClient
+from tests.fakes.responses_api import MARKDOWN_SAMPLE
+from tests.fakes.stack import BOT_TOKEN, USER
+from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ManagerStore]:
+    async with open_store(tmp_path / "state", inline_writes=True) as store:
+        yield store
+
+
+def delivery(store: ManagerStore, replies: Replies, give_up_s: float = 86400) -> Delivery:
+    async def no_decisions(approval: object) -> None:
+        pass
+
+    approvals = Approvals(
+        replies, store, no_decisions, timeout_s=600, is_online=lambda proxy_id: True
+    )
+    return Delivery(store, replies, approvals, ShutdownGrace(10), give_up_s=give_up_s)
+
+
+async def finished_task(store: ManagerStore, outcome: Outcome, task_id: str = "t1") -> TaskRecord:
+    task = store.new_task(USER, 0, "the prompt", task_id=task_id, timeout_s=60)
+    await store.add_task(task)
+    await store.mark_dispatched(task, "proxy1", None)
+    await store.mark_finished(task, outcome)
+    return task
+
+
+async def test_markdown_goes_out_as_entities(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    task = await finished_task(store, Outcome("completed", text=MARKDOWN_SAMPLE))
+    await delivery(store, replies).deliver(task, None)
+    [message] = fake.messages(USER)
+    assert "**" not in (message.text or "")
+    assert {e["type"] for e in message.entities or []} >= {"bold", "italic", "pre"}
+    assert task.state == "done"
+    assert store.tasks == {}
+
+
+async def test_a_refused_formatted_message_is_sent_plain(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake.fail_next(
+        "sendMessage",
+        error_code=400,
+        description="Bad Request: can't parse entities: Can't find end of the entity",
+    )
+    task = await finished_task(store, Outcome("completed", text=MARKDOWN_SAMPLE))
+    await delivery(store, replies).deliver(task, None)
+    [message] = fake.messages(USER)
+    assert not message.entities
+    assert "Some bold text, some italic text and inline code." in (message.text or "")
+
+
+async def test_a_long_code_block_is_reopened_in_each_part(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    code = "\n".join(f"print({i})  # line {i}" for i in range(400))
+    text = f"Here:\n\n```python\n{code}\n```\n\nDone."
+    task = await finished_task(store, Outcome("completed", text=text))
+    await delivery(store, replies).deliver(task, None)
+    parts = fake.messages(USER)
+    assert len(parts) >= 2
+    for part in parts:
+        assert len(part.text or "") <= 4096
+        if "print(" in (part.text or ""):
+            assert any(
+                e["type"] == "pre" and e.get("language") == "python" for e in part.entities or []
+            )
+
+
+async def test_more_than_three_parts_also_arrive_as_a_document(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    answer = "\n\n".join(f"Paragraph {i}: " + "word " * 150 for i in range(30))
+    task = await finished_task(store, Outcome("completed", text=answer))
+    await delivery(store, replies).deliver(task, None)
+    messages = fake.messages(USER)
+    docs = [m.document for m in messages if m.document]
+    assert len(messages) - len(docs) >= 4
+    assert len(docs) == 1
+    assert docs[0] is not None
+    assert docs[0].filename == "answer.md"
+    assert docs[0].content == answer.encode()
+    assert fake.stats.too_many_requests == 0
+
+
+async def test_a_manager_line_goes_out_exactly(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    line = "⚠️ proxy proxy2 is offline"
+    task = await finished_task(store, Outcome("failed", line=line))
+    await delivery(store, replies).deliver(task, None)
+    assert [m.text for m in fake.messages(USER)] == [line]
+
+
+async def test_an_answer_survives_an_hour_of_telegram_outage(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Every send fails for well over an hour (500s, then dropped connections).
+    fake.fail_next("sendMessage", error_code=500, times=60)
+    fake.drop_next("sendMessage", times=20)
+    task = await finished_task(store, Outcome("completed", text="worth the wait"))
+    start = trio.current_time()
+    await delivery(store, replies).deliver(task, None)
+    assert trio.current_time() - start > 3600
+    assert [m.text for m in fake.messages(USER)] == ["worth the wait"]
+    assert task.state == "done"
+
+
+async def test_delivery_gives_up_at_delivery_give_up_s_and_says_so_in_the_log(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake.fail_next("sendMessage", error_code=502, times=10**6)
+    task = await finished_task(store, Outcome("completed", text="never"))
+    start = trio.current_time()
+    with caplog.at_level(logging.ERROR):
+        await delivery(store, replies, give_up_s=900).deliver(task, None)
+    assert 899 <= trio.current_time() - start < 1000
+    assert "gave up on part 1/1" in caplog.text
+    assert task.state == "done"
+
+
+class SendsFailAfter(httpx.AsyncBaseTransport):
+    """Telegram becomes unreachable for sendMessage after the first `ok` of them."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, ok: int) -> None:
+        self.inner, self.ok, self.count = inner, ok, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sendMessage"):
+            self.count += 1
+            if self.count > self.ok:
+                raise httpx.ConnectError("unreachable", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_a_shutdown_mid_answer_resumes_at_the_next_part_after_the_restart(
+    fake: FakeTelegram,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    answer = "\n\n".join(f"Paragraph {i}: " + "word " * 150 for i in range(10))
+    flaky = SendsFailAfter(fake.transport(), ok=1)
+    async with (
+        open_store(tmp_path / "state", inline_writes=True) as store,
+        httpx.AsyncClient(transport=flaky) as http,
+        trio.open_nursery() as inner,
+    ):
+        outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
+        await inner.start(outbox.run)
+        replies = Replies(outbox)
+        replies.nursery = inner
+        task = await finished_task(store, Outcome("completed", text=answer))
+        grace = ShutdownGrace(10)
+        work = delivery(store, replies)
+        work._grace = grace
+        inner.start_soon(work.deliver, task, None)
+        await trio.sleep(300)  # part 1 is in, part 2 keeps failing
+        assert task.parts_sent == 1
+        grace.begin()  # SIGTERM: protected steps get 10 s, then everything stops
+        inner.cancel_scope.cancel()
+    assert len(fake.messages(USER)) == 1
+    async with (
+        open_store(tmp_path / "state", inline_writes=True) as store,
+        httpx.AsyncClient(transport=fake.transport()) as http,
+    ):
+        outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
+        await nursery.start(outbox.run)
+        replies = Replies(outbox)
+        replies.nursery = nursery
+        [again] = store.open_tasks()
+        assert again.parts_sent == 1
+        await delivery(store, replies).deliver(again, None)
+    texts = [m.text or "" for m in fake.messages(USER)]
+    assert sum(t.startswith("Paragraph 0:") for t in texts) == 1  # nothing sent twice
+    assert " ".join(texts).split() == answer.split()
+
+
+async def test_the_finished_state_and_the_thread_survive_in_one_write(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_store(tmp_path / "state", inline_writes=True) as store:
+        await finished_task(store, Outcome("completed", text="hi", thread_id="thread-9"))
+    async with open_store(tmp_path / "state", inline_writes=True) as store:
+        [task] = store.open_tasks()
+        assert task.state == "finished"
+        assert task.outcome == Outcome("completed", text="hi", thread_id="thread-9")
+        conv = store.conversation((USER, 0))
+        assert conv.threads == {"proxy1": "thread-9"}
+        assert conv.proxy == "proxy1"
+        assert task.finished is not None
+        assert task.finished <= time.time()
