@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import trio
 
+from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.outbox import Outbox, Priority
 from codexnet.manager.render import Chunk
 from codexnet.manager.replies import Replies
@@ -87,12 +88,14 @@ class Approvals:
         *,
         timeout_s: float,
         is_online: Callable[[str], bool],
+        grace: ShutdownGrace | None = None,
     ) -> None:
         self._replies = replies
         self._outbox: Outbox = replies.outbox
         self._store = store
         self._send_decision = send_decision
         self._is_online = is_online
+        self._grace = grace if grace is not None else ShutdownGrace(0)
         self.timeout_s = timeout_s
         self._decided: dict[str, trio.Event] = {}  # key → set once decided or closed
         self.nursery: trio.Nursery | None = None
@@ -133,14 +136,17 @@ class Approvals:
         remaining = approval.asked + self.timeout_s - time.time()
         deadline = trio.current_time() + max(0.0, remaining)
         if approval.message_id is None:
-            approval.message_id = await self._replies.send_part(
-                approval.chat_id,
-                _chunk(describe(approval.kind, approval.summary, approval.detail)),
-                priority=Priority.APPROVAL,
-                until=deadline,
-                reply_markup=keyboard(approval.key),
-            )
-            await self._store.save_approval(approval, wait=False)
+            # Asking and remembering the message go together: a question whose
+            # message id is lost would be asked again after a restart.
+            with self._grace.protect():
+                approval.message_id = await self._replies.send_part(
+                    approval.chat_id,
+                    _chunk(describe(approval.kind, approval.summary, approval.detail)),
+                    priority=Priority.APPROVAL,
+                    until=deadline,
+                    reply_markup=keyboard(approval.key),
+                )
+                await self._store.save_approval(approval, wait=False)
         decided = self._decided[approval.key]
         with trio.move_on_at(deadline):
             await decided.wait()

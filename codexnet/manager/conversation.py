@@ -35,6 +35,7 @@ from codexnet.config import ManagerConfig
 from codexnet.db import StateError
 from codexnet.manager.delivery import Delivery, wall_to_trio
 from codexnet.manager.dispatcher import Dispatcher, wait_task_change
+from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub
 from codexnet.manager.liveview import LiveView
 from codexnet.manager.outbox import Outbox
@@ -61,6 +62,7 @@ class Conversations:
         outbox: Outbox,
         replies: Replies,
         delivery: Delivery,
+        grace: ShutdownGrace,
     ) -> None:
         self._config = config
         self._store = store
@@ -69,6 +71,7 @@ class Conversations:
         self._outbox = outbox
         self._replies = replies
         self._delivery = delivery
+        self._grace = grace
         self._started = trio.current_time()  # proxies need a moment to come back after a restart
         self._active: set[ConversationKey] = set()
         self._views: dict[str, LiveView] = {}
@@ -284,6 +287,7 @@ class Conversations:
             message_id=task.view_message_id,
             on_message=on_message,
             on_draft_refused=lambda: self._no_drafts.add(task.chat_id),
+            grace=self._grace,
         )
 
     async def _keep_typing(self, chat_id: int) -> None:

@@ -189,17 +189,14 @@ class Dispatcher:
             await conn.send(ResultAck(task_id))
         elif isinstance(frame, CancelAck):
             if task.cancel == "requested":
-                task.cancel = "acked"
-                self._store.db.write_soon(
-                    lambda c: c.execute(
-                        "UPDATE tasks SET cancel = 'acked' WHERE task_id = ?", (task_id,)
-                    )
-                )
+                self._store.cancel_acked(task)
+                task.poke()
         elif isinstance(frame, DecisionAck):
             approval = self._store.approval(task_id, frame.approval_id)
             if approval is not None and not approval.decision_acked:
                 approval.decision_acked = True
                 await self._store.save_approval(approval, wait=False)
+                task.poke()
 
     @staticmethod
     def _apply(task: TaskRecord, event: TaskEvent) -> bool:

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import trio
 
+from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.outbox import Outbox, Priority
 from codexnet.manager.telegram import NO_KEYBOARD, RetryAfter, TelegramError
 
@@ -69,6 +70,7 @@ class LiveView:
         message_id: int | None = None,
         on_message: Callable[[int | None], None] = lambda message_id: None,
         on_draft_refused: Callable[[], None] = lambda: None,
+        grace: ShutdownGrace | None = None,
     ) -> None:
         self._outbox = outbox
         self.chat_id = chat_id
@@ -78,6 +80,7 @@ class LiveView:
         self._cancel_data = cancel_data
         self._on_message = on_message
         self._on_draft_refused = on_draft_refused
+        self._grace = grace if grace is not None else ShutdownGrace(0)
         self._draft_id = random.randint(1, 2**31 - 1)
         self._started = trio.current_time() if started is None else started
         self._changed = trio.Event()
@@ -155,6 +158,12 @@ class LiveView:
         return await self._edit(shown, cancel_keyboard(self._cancel_data))
 
     async def _send_status(self, text: str, keyboard: bool = True) -> None:
+        # Sending it and remembering its id go together: a status message whose
+        # id is lost would stay behind, "⏳" forever, after a restart.
+        with self._grace.protect():
+            await self._send_status_now(text, keyboard)
+
+    async def _send_status_now(self, text: str, keyboard: bool) -> None:
         try:
             message = await self._outbox.send(
                 "sendMessage",

@@ -117,11 +117,14 @@ async def run_manager(
             dispatcher.send_decision,
             timeout_s=config.approval_timeout_s,
             is_online=lambda proxy_id: proxy_id in hub.online,
+            grace=grace,
         )
         approvals.nursery = nursery
         dispatcher.on_approval = approvals.on_request
         delivery = Delivery(store, replies, approvals, grace, give_up_s=config.delivery_give_up_s)
-        conversations = Conversations(config, store, hub, dispatcher, outbox, replies, delivery)
+        conversations = Conversations(
+            config, store, hub, dispatcher, outbox, replies, delivery, grace
+        )
         commands = ChatCommands(config, store, hub, conversations, approvals, replies)
         bot = Bot(config, tg, outbox, store, replies, conversations, commands)
 

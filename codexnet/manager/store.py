@@ -470,6 +470,14 @@ class ManagerStore:
             lambda c: c.execute("UPDATE tasks SET cancel = ? WHERE task_id = ?", values)
         )
 
+    def cancel_acked(self, task: TaskRecord) -> None:
+        # Losing this write only means the cancel is sent once more; the proxy applies it once.
+        task.cancel = "acked"
+        task_id = task.task_id
+        self.db.write_soon(
+            lambda c: c.execute("UPDATE tasks SET cancel = 'acked' WHERE task_id = ?", (task_id,))
+        )
+
     async def mark_finished(self, task: TaskRecord, outcome: Outcome) -> None:
         """The result is durable (then, and only then, the proxy may forget it).
 

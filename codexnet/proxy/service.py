@@ -20,6 +20,7 @@ re-sent as one `snapshot` event after a reconnect.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -84,6 +85,7 @@ class _Running:
     deadline: float  # trio time: the task's timeout counts from when it was accepted
     cancel: trio.Event = attrs.Factory(trio.Event)
     changed: trio.Event = attrs.Factory(trio.Event)
+    slot: trio.Event = attrs.Factory(trio.Event)  # set when it may run (capacity)
     turn: Turn | None = None
     seq: int = 0
     sent_text: str = ""
@@ -112,7 +114,10 @@ class ProxyService:
         self._send_lock = trio.StrictFIFOLock()
         self._running: dict[str, _Running] = {}
         self._outbox: dict[str, TaskResult] = {}
-        self._capacity = trio.Semaphore(config.capacity)
+        # Tasks waiting for one of `capacity` slots, in the order they were
+        # accepted (a semaphore would let whichever runner runs first win).
+        self._waiting: collections.deque[_Running] = collections.deque()
+        self._busy = 0
         self._ssl_context = config.ssl_context()
         self._last_heard = 0.0  # trio time of the last frame or pong from the manager
         self.rtt: float | None = None  # the last heartbeat's round trip, seconds
@@ -339,7 +344,7 @@ class ProxyService:
     async def _run_within_capacity(self, running: _Running) -> TaskResult:
         task = running.task
         with trio.move_on_at(running.deadline) as deadline:
-            if self._capacity.value == 0:
+            if self._busy >= self._config.capacity:
                 step = f"queued: all {self._config.capacity} slots of this machine are busy"
                 await self._send(TaskEvent(task.task_id, running.next_seq(), "progress", step))
             if not await self._acquire_or_cancel(running):
@@ -359,7 +364,8 @@ class ProxyService:
                     )
                 return await self._execute(running)
             finally:
-                self._capacity.release()
+                self._busy -= 1
+                self._grant()
         assert deadline.cancelled_caught
         turn = running.turn
         return TaskResult(
@@ -370,25 +376,36 @@ class ProxyService:
             error=f"no answer within {task.timeout_s:.0f} s",
         )
 
+    def _grant(self) -> None:
+        """Give free slots to the longest-waiting tasks."""
+        while self._waiting and self._busy < self._config.capacity:
+            running = self._waiting.popleft()
+            self._busy += 1
+            running.slot.set()
+
     async def _acquire_or_cancel(self, running: _Running) -> bool:
-        """Take a capacity slot; False if the task is cancelled while it waits."""
+        """Take a capacity slot in turn; False if the task is cancelled while it waits."""
         if running.cancel.is_set():
             return False
-        acquired = False
-        async with trio.open_nursery() as nursery:
-
-            async def stop_on_cancel() -> None:
-                await running.cancel.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(stop_on_cancel)
-            await self._capacity.acquire()
-            acquired = True
-            nursery.cancel_scope.cancel()
-        if acquired and running.cancel.is_set():
-            self._capacity.release()
+        self._waiting.append(running)
+        self._grant()
+        try:
+            await wait_first(running.slot, running.cancel)
+        except BaseException:  # timed out or shutting down while waiting
+            self._leave(running)
+            raise
+        if running.cancel.is_set():
+            self._leave(running)
             return False
-        return acquired
+        return True
+
+    def _leave(self, running: _Running) -> None:
+        """Give up the slot, or the place in the queue."""
+        if running.slot.is_set():
+            self._busy -= 1
+            self._grant()
+        else:
+            self._waiting.remove(running)
 
     async def _execute(self, running: _Running) -> TaskResult:
         task = running.task

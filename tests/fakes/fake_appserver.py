@@ -10,11 +10,15 @@ the handful of methods the proxy uses. The prompt text picks the behaviour:
     fail         an `error` notification, then turn/completed status failed
     slow         one delta, 1.5 s of silence, then the echo
     anything     echo: "Echo: <prompt>"
+
+With FAKE_APPSERVER_TURNS set, every prompt a turn starts with is appended to
+that file, one per line: how often "the model" was asked.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -71,6 +75,9 @@ def main() -> None:
 def run_turn(rid: Any, params: dict[str, Any]) -> None:
     thread_id = params["threadId"]
     prompt = params["input"][0]["text"]
+    if os.environ.get("FAKE_APPSERVER_TURNS"):
+        with open(os.environ["FAKE_APPSERVER_TURNS"], "a", encoding="utf-8") as log:
+            log.write(prompt + "\n")
     turn_id = str(uuid.uuid4())
     base = {"threadId": thread_id, "turnId": turn_id}
     send({"id": rid, "result": {"turn": {"id": turn_id, "status": "inProgress"}}})

@@ -1,0 +1,81 @@
+"""A proxy reduced to its wire protocol, driven by the test frame by frame.
+
+It speaks to the real hub over a real WebSocket, so tests can do what a real
+proxy never would on its own: drop the link right after a frame, answer
+twice, stay silent, speak for another proxy's task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import WebSocketConnection
+
+from codexnet.protocol import (
+    PROTOCOL_VERSION,
+    Hello,
+    ManagerFrame,
+    ProxyFrame,
+    Welcome,
+    decode_manager_frame,
+    encode,
+)
+from codexnet.wsclient import connect_websocket
+
+
+@attrs.define
+class RawProxy:
+    ws: WebSocketConnection
+    received: list[ManagerFrame] = attrs.Factory(list)
+
+    async def send(self, frame: ProxyFrame) -> None:
+        await self.ws.send_message(encode(frame))
+
+    async def expect(
+        self, kind: type[Any], where: Callable[[Any], bool] = lambda frame: True
+    ) -> Any:
+        """The next frame of `kind` matching `where` (others are kept in `received`)."""
+        while True:
+            frame = decode_manager_frame(await self.ws.get_message())
+            self.received.append(frame)
+            if isinstance(frame, kind) and where(frame):
+                return frame
+
+    async def nothing_for(self, seconds: float) -> list[ManagerFrame]:
+        """Frames that arrive within `seconds` (to assert that something is not sent)."""
+        got: list[ManagerFrame] = []
+        with trio.move_on_after(seconds):
+            while True:
+                got.append(decode_manager_frame(await self.ws.get_message()))
+        self.received.extend(got)
+        return got
+
+
+@asynccontextmanager
+async def raw_proxy(
+    port: int,
+    proxy_id: str,
+    token: str,
+    *,
+    running: list[str] | None = None,
+    finished: list[str] | None = None,
+) -> AsyncIterator[RawProxy]:
+    """Connect, say hello, wait for welcome; the link closes when the block ends."""
+    async with connect_websocket(f"ws://127.0.0.1:{port}") as ws:
+        hello = Hello(
+            proxy_id=proxy_id,
+            token=token,
+            protocol=PROTOCOL_VERSION,
+            capacity=2,
+            running=running or [],
+            finished=finished or [],
+        )
+        await ws.send_message(encode(hello))
+        with trio.fail_after(10):
+            welcome = decode_manager_frame(await ws.get_message())
+        assert isinstance(welcome, Welcome), welcome
+        yield RawProxy(ws)

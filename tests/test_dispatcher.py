@@ -1,0 +1,207 @@
+"""The delivery rules between manager and proxy, at the hub's real WebSocket.
+
+The real hub, dispatcher and store; the proxy is `RawProxy`, the wire
+protocol driven frame by frame, so each rule is checked on its own: what is
+sent again after a reconnect, what is applied once, what a proxy may not touch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from codexnet.config import ProxyEntry
+from codexnet.manager.store import ApprovalRecord, TaskRecord
+from codexnet.protocol import (
+    ApprovalDecision,
+    ApprovalRequest,
+    CancelAck,
+    DecisionAck,
+    ResultAck,
+    Task,
+    TaskAck,
+    TaskCancel,
+    TaskEvent,
+    TaskResult,
+)
+from tests.fakes.hubrun import HubRunner, open_hub
+from tests.fakes.rawproxy import raw_proxy
+
+PROXIES = {"p1": ProxyEntry("token-of-p1-0123456789"), "p2": ProxyEntry("token-of-p2-0123456789")}
+T1, T2 = PROXIES["p1"].token, PROXIES["p2"].token
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[HubRunner]:
+    async with open_hub(PROXIES) as runner:
+        yield runner
+
+
+async def until(task: TaskRecord, predicate: object) -> None:
+    with trio.fail_after(10):
+        while not predicate():  # type: ignore[operator]
+            await task.changed.wait()
+
+
+async def test_a_task_lost_with_the_link_is_sent_again_until_acknowledged(hub: HubRunner) -> None:
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "hello")
+        first = await proxy.expect(Task)
+        assert first.task_id == task.task_id
+    # The link died before our task_ack: the task is not delivered, and not failed.
+    state: str = task.state
+    assert state == "sent"
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        again = await proxy.expect(Task)
+        assert again == first  # the same id: a proxy that got it drops the repeat
+        await proxy.send(TaskAck(task.task_id))
+        await until(task, lambda: task.state == "acked")
+    async with raw_proxy(hub.port, "p1", T1, running=[task.task_id]) as proxy:
+        assert [f for f in await proxy.nothing_for(0.5) if isinstance(f, Task)] == []
+        await proxy.send(TaskResult(task.task_id, "completed", text="hi", thread_id="th"))
+        await proxy.expect(ResultAck)
+    assert task.outcome is not None
+    assert task.outcome.text == "hi"
+
+
+async def test_the_result_is_stored_before_result_ack(hub: HubRunner) -> None:
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "hello")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        await proxy.send(TaskResult(task.task_id, "completed", text="kept"))
+        await proxy.expect(ResultAck)
+        # By the time the proxy may forget it, the answer is in the database.
+        rows = hub.store.db.read(
+            lambda c: c.execute(
+                "SELECT state, outcome FROM tasks WHERE task_id = ?", (task.task_id,)
+            ).fetchall()
+        )
+        assert rows[0][0] == "finished"
+        assert '"kept"' in rows[0][1]
+        # A repeat (the ack was lost) is acknowledged again and changes nothing.
+        await proxy.send(TaskResult(task.task_id, "failed", error="stale"))
+        await proxy.expect(ResultAck)
+    assert task.outcome is not None
+    assert task.outcome.text == "kept"
+
+
+async def test_an_acked_task_the_proxy_no_longer_has_ends_with_one_clear_line(
+    hub: HubRunner,
+) -> None:
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "hello")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        await until(task, lambda: task.state == "acked")
+    # It comes back with neither the task nor its result: its state was wiped.
+    async with raw_proxy(hub.port, "p1", T1):
+        await until(task, lambda: task.outcome is not None)
+    assert task.outcome is not None
+    assert task.outcome.line == (
+        "⚠️ proxy p1 no longer has this task (its state was lost or reset); please send it again"
+    )
+
+
+async def test_a_result_for_an_unknown_task_is_acknowledged_and_dropped(hub: HubRunner) -> None:
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        await proxy.send(TaskResult("never-ours", "completed", text="?"))
+        assert (await proxy.expect(ResultAck)).task_id == "never-ours"
+    assert hub.store.tasks == {}
+
+
+async def test_a_cancel_is_sent_again_until_acknowledged(hub: HubRunner) -> None:
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "long")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        await until(task, lambda: task.state == "acked")
+        await hub.dispatcher.request_cancel(task)
+        await proxy.expect(TaskCancel)  # lost with the link: no cancel_ack
+    async with raw_proxy(hub.port, "p1", T1, running=[task.task_id]) as proxy:
+        await proxy.expect(TaskCancel)
+        await proxy.send(CancelAck(task.task_id))
+        await until(task, lambda: task.cancel == "acked")
+    async with raw_proxy(hub.port, "p1", T1, running=[task.task_id]) as proxy:
+        assert [f for f in await proxy.nothing_for(0.5) if isinstance(f, TaskCancel)] == []
+
+
+async def test_an_approval_is_asked_once_and_its_decision_sent_until_acknowledged(
+    hub: HubRunner,
+) -> None:
+    asked: list[ApprovalRequest] = []
+
+    async def on_approval(task: TaskRecord, request: ApprovalRequest) -> None:
+        asked.append(request)
+
+    hub.dispatcher.on_approval = on_approval
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "needs approval")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        request = ApprovalRequest(task.task_id, "a1", "command", "ls", "")
+        await proxy.send(request)
+        await proxy.send(request)  # sent again after a reconnect, say
+        await proxy.nothing_for(0.3)
+    assert len(asked) == 2  # the dispatcher forwards; Approvals deduplicates by key
+    approval = ApprovalRecord(task.task_id, "a1", "k", 0, 0, "command", "ls", "", 0.0)
+    approval.state, approval.decision = "closed", "accept"
+    await hub.store.add_approval(approval)
+    async with raw_proxy(hub.port, "p1", T1, running=[task.task_id]) as proxy:
+        decision = await proxy.expect(ApprovalDecision)
+        assert (decision.approval_id, decision.decision) == ("a1", "accept")
+        await proxy.send(DecisionAck(task.task_id, "a1"))
+        await until(task, lambda: approval.decision_acked)
+    async with raw_proxy(hub.port, "p1", T1, running=[task.task_id]) as proxy:
+        assert [f for f in await proxy.nothing_for(0.5) if isinstance(f, ApprovalDecision)] == []
+
+
+async def test_a_proxy_cannot_touch_another_proxys_task(
+    hub: HubRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with raw_proxy(hub.port, "p1", T1) as owner, raw_proxy(hub.port, "p2", T2) as other:
+        task = await hub.start_task("p1", "mine")
+        await owner.expect(Task)
+        await owner.send(TaskAck(task.task_id))
+        await until(task, lambda: task.state == "acked")
+        for frame in (
+            TaskEvent(task.task_id, 1, "snapshot", "spoofed text"),
+            ApprovalRequest(task.task_id, "evil", "command", "rm -rf /", ""),
+            TaskResult(task.task_id, "completed", text="spoofed", thread_id="evil-thread"),
+        ):
+            await other.send(frame)
+        assert [f for f in await other.nothing_for(0.5) if isinstance(f, ResultAck)] == []
+        assert task.text == ""
+        assert task.outcome is None
+        await owner.send(TaskResult(task.task_id, "completed", text="real", thread_id="th"))
+        await owner.expect(ResultAck)
+    assert task.outcome is not None
+    assert task.outcome.text == "real"
+    assert hub.store.conversation((0, 0)).threads == {"p1": "th"}
+    warnings = [r for r in caplog.records if "belongs to 'p1'" in r.getMessage()]
+    assert len(warnings) == 1  # rate-limited: one line, not one per frame
+
+
+async def test_events_are_applied_once_in_order(hub: HubRunner) -> None:
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "stream")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        for event in (
+            TaskEvent(task.task_id, 1, "delta", "Hel"),
+            TaskEvent(task.task_id, 2, "delta", "lo"),
+            TaskEvent(task.task_id, 2, "delta", "lo"),  # a duplicate
+            TaskEvent(task.task_id, 1, "delta", "Hel"),  # a stale one
+            TaskEvent(task.task_id, 3, "progress", "running `ls`"),
+        ):
+            await proxy.send(event)
+        await until(task, lambda: task.step == "running `ls`")
+        assert task.text == "Hello"
+        # After a reconnect the proxy sends the whole text again as a snapshot.
+    async with raw_proxy(hub.port, "p1", T1, running=[task.task_id]) as proxy:
+        await proxy.send(TaskEvent(task.task_id, 4, "snapshot", "Hello, world"))
+        await until(task, lambda: task.text == "Hello, world")
