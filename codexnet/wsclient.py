@@ -6,6 +6,8 @@ client waits for the server's TCP close in a reader task that is cancelled
 first). A proxy that reconnects for weeks cannot leak a socket per refusal,
 so the stream is opened here and closed in `finally`, whatever happened. The
 TLS handshake is done here too, so a bad certificate fails at once and says why.
+A block that ends normally closes with a close handshake; one that is
+cancelled or fails just drops the stream (the peer sees the link end at once).
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ async def connect_websocket(
                 )
             try:
                 yield ws
-            finally:
+            except BaseException:
+                # Cancelled (shutting down) or failing: the reader task that
+                # would see the server's close reply is being cancelled too, so
+                # a close handshake could only time out. Drop the stream.
+                nursery.cancel_scope.cancel()
+                raise
+            else:
                 with trio.move_on_after(2, shield=True):
                     await ws.aclose()
                 nursery.cancel_scope.cancel()

@@ -159,7 +159,9 @@ async def test_wss_with_the_managers_own_ca(
 
     hub = Hub(PROXIES)
     async with open_store(":memory:") as store, trio.open_nursery() as nursery:
-        runner = HubRunner(hub, store, Dispatcher(store, hub))
+        dispatcher = Dispatcher(store, hub)
+        dispatcher.nursery = nursery
+        runner = HubRunner(hub, store, dispatcher)
         await nursery.start(partial(hub.serve, "127.0.0.1", 0, ssl_context=server_ssl))
         # Without the CA the proxy cannot verify the manager, says so, and keeps trying.
         untrusting = make_proxy(tmp_path, runner)

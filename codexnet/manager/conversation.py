@@ -37,7 +37,7 @@ from codexnet.manager.delivery import Delivery, wall_to_trio
 from codexnet.manager.dispatcher import Dispatcher, wait_task_change
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub
-from codexnet.manager.liveview import LiveView
+from codexnet.manager.liveview import SHOW_AFTER_S, LiveView
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import choose_proxy
@@ -248,7 +248,11 @@ class Conversations:
                     clock = time.strftime("%H:%M", time.localtime(offline_at))
                     step = f"⚠️ {proxy_id} is offline since {clock}; waiting for it"
                 view.update(task.text, step)
-                await wait_task_change(task, self._hub, next_check)
+                # The dispatcher pokes the task on its events and when its proxy
+                # goes on or offline: one event to wait on, no helper tasks.
+                changed = task.changed
+                with trio.move_on_at(next_check):
+                    await changed.wait()
             nursery.cancel_scope.cancel()
 
     def _view(self, task: TaskRecord) -> LiveView:
@@ -291,6 +295,10 @@ class Conversations:
         )
 
     async def _keep_typing(self, chat_id: int) -> None:
+        # Like the live view, typing starts only once the task has taken a
+        # moment: a quick answer costs no chat action, and a burst of prompts
+        # is dispatched before a burst of "typing" requests competes with it.
+        await trio.sleep(SHOW_AFTER_S)
         while True:
             await self._outbox.chat_action(chat_id)
             await trio.sleep(TYPING_EVERY_S)

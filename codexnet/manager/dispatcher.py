@@ -29,6 +29,7 @@ from typing import Final
 
 import trio
 
+from codexnet.db import StateError
 from codexnet.manager.hub import Hub, ProxyConn
 from codexnet.manager.store import ApprovalRecord, ManagerStore, Outcome, TaskRecord
 from codexnet.protocol import (
@@ -62,6 +63,7 @@ class Dispatcher:
         self._store = store
         self._hub = hub
         self.on_approval: ApprovalHandler = _no_approvals
+        self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
         hub.listener = self
 
@@ -174,19 +176,11 @@ class Dispatcher:
             if task.state in ("sent", "acked"):
                 await self.on_approval(task, frame)
         elif isinstance(frame, TaskResult):
-            if task.state in ("sent", "acked"):
-                await self.finish(
-                    task,
-                    Outcome(
-                        frame.status,
-                        text=frame.text,
-                        error=frame.error,
-                        thread_id=frame.thread_id,
-                        usage=dict(frame.usage),
-                    ),
-                )
-            # Stored (or stored before): now, and only now, the proxy may forget it.
-            await conn.send(ResultAck(task_id))
+            # In its own task: the reader goes on while the result is committed,
+            # so results arriving together share one commit instead of queueing
+            # behind each other's fsync (and behind them, the link's other frames).
+            assert self.nursery is not None, "Dispatcher.nursery is set when serving"
+            self.nursery.start_soon(self._store_result, conn, task, frame)
         elif isinstance(frame, CancelAck):
             if task.cancel == "requested":
                 self._store.cancel_acked(task)
@@ -197,6 +191,27 @@ class Dispatcher:
                 approval.decision_acked = True
                 await self._store.save_approval(approval, wait=False)
                 task.poke()
+
+    async def _store_result(self, conn: ProxyConn, task: TaskRecord, frame: TaskResult) -> None:
+        if task.state in ("sent", "acked"):
+            try:
+                await self.finish(
+                    task,
+                    Outcome(
+                        frame.status,
+                        text=frame.text,
+                        error=frame.error,
+                        thread_id=frame.thread_id,
+                        usage=dict(frame.usage),
+                    ),
+                )
+            except StateError as exc:
+                # Not stored, so not acknowledged: drop the link so the proxy sends it again.
+                log.error("%s; dropping proxy %r so it sends the result again", exc, conn.proxy_id)
+                conn.scope.cancel()
+                return
+        # Stored (or stored before): now, and only now, the proxy may forget it.
+        await conn.send(ResultAck(task.task_id))
 
     @staticmethod
     def _apply(task: TaskRecord, event: TaskEvent) -> bool:

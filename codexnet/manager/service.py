@@ -106,6 +106,7 @@ async def run_manager(
     ):
         hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
         dispatcher = Dispatcher(store, hub)
+        dispatcher.nursery = nursery
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)
         outbox = Outbox(tg)
         replies = Replies(outbox)
@@ -169,6 +170,7 @@ async def run_once(
     outcome: Outcome | None = None
     async with open_store(":memory:") as store, trio.open_nursery() as nursery:
         dispatcher = Dispatcher(store, hub)
+        dispatcher.nursery = nursery
         await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
         try:
             with trio.fail_after(timeout_s):

@@ -214,6 +214,9 @@ class ManagerStore:
         self.offset: int | None = None
         self.conversations: dict[ConversationKey, Conversation] = {}
         self.tasks: dict[str, TaskRecord] = {}  # not yet done
+        # The same tasks by conversation, in arrival order (a lane looks at its
+        # own conversation on every step: that must not cost a scan of all).
+        self._by_conversation: dict[ConversationKey, dict[str, TaskRecord]] = {}
         self.done: set[str] = set()  # done within DONE_KEEP_DAYS: late results are dropped
         # Updates that became tasks: one redelivered after a crash is not run twice.
         self.updates: set[int] = set()
@@ -287,7 +290,7 @@ class ManagerStore:
             if task.update_id is not None:
                 self.updates.add(task.update_id)
             task.persisted.set()
-            self.tasks[task.task_id] = task
+            self._remember(task)
         for row in conn.execute(
             "SELECT task_id, approval_id, key, chat_id, topic, kind, summary, detail, asked,"
             " message_id, state, decision, outcome, decision_acked FROM approvals"
@@ -363,8 +366,22 @@ class ManagerStore:
         return self.conversations.setdefault(key, Conversation())
 
     def open_tasks(self, key: ConversationKey | None = None) -> list[TaskRecord]:
-        tasks = sorted(self.tasks.values(), key=lambda t: t.seq)
-        return [t for t in tasks if key is None or t.conversation == key]
+        """Tasks not yet done, oldest first: of one conversation, or of all."""
+        if key is not None:
+            return list(self._by_conversation.get(key, {}).values())
+        return sorted(self.tasks.values(), key=lambda t: t.seq)
+
+    def _remember(self, task: TaskRecord) -> None:
+        self.tasks[task.task_id] = task
+        self._by_conversation.setdefault(task.conversation, {})[task.task_id] = task
+
+    def _forget(self, task: TaskRecord) -> None:
+        self.tasks.pop(task.task_id, None)
+        siblings = self._by_conversation.get(task.conversation)
+        if siblings is not None:
+            siblings.pop(task.task_id, None)
+            if not siblings:
+                del self._by_conversation[task.conversation]
 
     def approval(self, task_id: str, approval_id: str) -> ApprovalRecord | None:
         for approval in self.approvals.values():
@@ -404,7 +421,7 @@ class ManagerStore:
         task = TaskRecord(task_id, self._seq, chat_id, topic, prompt, time.time())
         task.timeout_s = timeout_s
         task.update_id = update_id
-        self.tasks[task_id] = task
+        self._remember(task)
         if update_id is not None:
             self.updates.add(update_id)
         return task
@@ -432,7 +449,7 @@ class ManagerStore:
         try:
             await self.db.write(fn, durable=True)
         except BaseException:
-            self.tasks.pop(task.task_id, None)
+            self._forget(task)
             if task.update_id is not None:
                 self.updates.discard(task.update_id)
             raise
@@ -514,7 +531,7 @@ class ManagerStore:
     async def mark_done(self, task: TaskRecord) -> None:
         """Every part of the answer is in the chat: the task leaves the journal."""
         task.state = "done"
-        self.tasks.pop(task.task_id, None)
+        self._forget(task)
         self.done.add(task.task_id)
         values = (time.time(), task.task_id)
         await self.db.write(

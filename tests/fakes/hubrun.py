@@ -70,6 +70,7 @@ async def open_hub(
     hub = Hub(proxies, **hub_options)
     async with open_store(":memory:") as store, trio.open_nursery() as nursery:
         dispatcher = Dispatcher(store, hub)
+        dispatcher.nursery = nursery
         await nursery.start(partial(hub.serve, "127.0.0.1", 0))
         try:
             yield HubRunner(hub, store, dispatcher)
