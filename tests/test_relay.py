@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -446,6 +447,33 @@ async def test_negotiated_compression_is_refused() -> None:
             await trio.sleep_forever()
 
 
+async def test_wss_passes_through_as_opaque_bytes(nursery: trio.Nursery) -> None:
+    """TLS cannot be read: no frames are logged and no trap can fire, but cut() works."""
+    import trustme
+
+    ca = trustme.CA()
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    echo = EchoServer()
+    ws_server = await nursery.start(
+        lambda task_status: serve_websocket(
+            echo.handler, "127.0.0.1", 0, server_ssl, task_status=task_status
+        )
+    )
+    relay = TcpRelay("127.0.0.1", ws_server.port)
+    await nursery.start(relay.serve)
+    with trio.fail_after(5):
+        url = f"wss://127.0.0.1:{relay.port}"
+        async with connect_websocket(url, ssl_context=client_ssl) as ws:
+            await send(ws, "hello")
+            assert (await receive(ws))["type"] == "welcome"
+            assert relay.frames == []
+            relay.cut()
+            assert await expect_closed(ws) == 1006
+
+
 async def test_raw_mode_relays_any_bytes(nursery: trio.Nursery) -> None:
     async def upper(stream: trio.SocketStream) -> None:
         async for data in stream:
@@ -518,3 +546,18 @@ def test_parser_close_inside_a_fragmented_message_releases_the_fragments() -> No
 def test_parser_refuses_what_it_cannot_read(data: bytes, masked: bool, error: str) -> None:
     with pytest.raises(RelayError, match=error):
         FrameParser(masked=masked).feed(data)
+
+
+async def test_cut_on_after_delivers_a_big_message_whole(
+    relay: TcpRelay, server: EchoServer
+) -> None:
+    """The RST waits for the kernel to send the frame: an RST drops unsent bytes."""
+    trap = relay.cut_on("up", "task_result", mode="after")
+    text = "y" * 900_000  # under trio-websocket's default 1 MiB message limit
+    with trio.fail_after(5):
+        async with client(relay) as ws:
+            await send(ws, "task_result", text=text)
+            assert await expect_closed(ws) == 1006
+            await server.wait_until(lambda: bool(server.closed))
+    await trap.wait()
+    assert [m.get("text") == text for m in server.received] == [True]

@@ -24,7 +24,10 @@ on at once, unchanged, and logged in `relay.controls`. Anything the relay
 cannot read faithfully (a negotiated extension such as permessage-deflate,
 RSV bits, an unmasked client frame) raises `RelayError`, which ends `serve`
 and so fails the test: a fault test whose traps silently never fire would
-prove nothing. `TcpRelay(..., websocket=False)` relays raw bytes instead.
+prove nothing. Traffic that does not start with an HTTP `GET` (TLS, for a
+`wss://` hub) and plain HTTP without an upgrade pass through as opaque bytes:
+cut/blackhole/restore work, frames and traps do not. `TcpRelay(...,
+websocket=False)` relays everything as raw bytes.
 
 Two details make the faults look like the real thing:
 
@@ -377,6 +380,7 @@ class RelayConnection:
     released: trio.Event = attrs.Factory(trio.Event)  # reset or closed: the task may end
     ws_requested: bool = False
     websocket: bool = False
+    request_seen: trio.Event = attrs.Factory(trio.Event)  # the up side classified the request
     handshake: trio.Event = attrs.Factory(trio.Event)  # the down side has seen the response
 
     @property
@@ -490,9 +494,8 @@ class TcpRelay:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if conn.forwarding:  # a peer reset: pass the reset on, like a router would
                 conn.reset()
-        finally:
-            if direction == "down":
-                conn.handshake.set()  # never leave the up side waiting
+        finally:  # never leave the other side waiting
+            (conn.handshake if direction == "down" else conn.request_seen).set()
 
     async def _pump_bytes(
         self,
@@ -515,28 +518,62 @@ class TcpRelay:
                 continue
             if parser is None:
                 head += data
-                end = head.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(head) > MAX_HEAD_BYTES:
-                        raise RelayError(f"no end of the HTTP head in {len(head)} bytes")
-                    continue
-                first, data = bytes(head[: end + 4]), bytes(head[end + 4 :])
                 if direction == "up":
-                    conn.ws_requested = _is_upgrade_request(first)
-                    await self._forward(conn, dst, first)
-                    await conn.handshake.wait()  # the down side decides what follows
+                    rest = await self._request_head(conn, head, dst)
                 else:
-                    conn.websocket = conn.ws_requested and _is_upgrade_response(first)
-                    conn.handshake.set()
-                    await self._forward(conn, dst, first)
+                    rest = await self._response_head(conn, head, dst)
+                if rest is None:
+                    continue  # the head is not complete yet
                 if not conn.websocket:
                     raw = True
-                    if data:
-                        await self._forward(conn, dst, data)
+                    if rest:
+                        await self._forward(conn, dst, rest)
                     continue
                 parser = FrameParser(masked=direction == "up")
+                data = rest
             for chunk in parser.feed(data):
                 await self._on_chunk(conn, direction, chunk, dst)
+
+    async def _request_head(
+        self, conn: RelayConnection, head: bytearray, dst: trio.SocketStream
+    ) -> bytes | None:
+        """Forward the client's HTTP head once complete; what follows it, or None."""
+        if len(head) < 4:
+            return None
+        if not head.startswith(b"GET "):
+            # Not an HTTP upgrade (TLS for wss://, say): relay it as it is.
+            conn.request_seen.set()
+            return bytes(head)
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD_BYTES:
+                raise RelayError(f"no end of the HTTP head in {len(head)} bytes")
+            return None
+        first = bytes(head[: end + 4])
+        conn.ws_requested = _is_upgrade_request(first)
+        conn.request_seen.set()
+        await self._forward(conn, dst, first)
+        if conn.ws_requested:
+            await conn.handshake.wait()  # the response decides what follows
+        return bytes(head[end + 4 :])
+
+    async def _response_head(
+        self, conn: RelayConnection, head: bytearray, dst: trio.SocketStream
+    ) -> bytes | None:
+        """Forward the server's HTTP head once complete; what follows it, or None."""
+        await conn.request_seen.wait()
+        if not conn.ws_requested:
+            return bytes(head)
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD_BYTES:
+                raise RelayError(f"no end of the HTTP head in {len(head)} bytes")
+            return None
+        first = bytes(head[: end + 4])
+        conn.websocket = _is_upgrade_response(first)
+        conn.handshake.set()  # before forwarding: the client's frames come after it
+        await self._forward(conn, dst, first)
+        return bytes(head[end + 4 :])
 
     async def _forward(self, conn: RelayConnection, dst: trio.SocketStream, data: bytes) -> None:
         if conn.forwarding:
