@@ -7,6 +7,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -15,6 +16,10 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from codexnet.config import ProxyEntry
+from codexnet.manager.hub import Hub
+from codexnet.proxy.appserver import AppServer
+from codexnet.proxy.service import ProxyService
 from codexnet.wsclient import connect_websocket
 from tests.fakes.relay import (
     OP_BINARY,
@@ -30,6 +35,7 @@ from tests.fakes.relay import (
     encode_frame,
 )
 from tests.fakes.stack import free_port
+from tests.test_appserver import fake_codex, proxy_config
 
 # What the test server answers to a message type (a tiny imitation of the hub).
 REPLIES = {"hello": "welcome", "task_result": "result_ack", "ping_me": "pong_you"}
@@ -561,3 +567,39 @@ async def test_cut_on_after_delivers_a_big_message_whole(
             await server.wait_until(lambda: bool(server.closed))
     await trap.wait()
     assert [m.get("text") == text for m in server.received] == [True]
+
+
+# ------------------------------------------------------------------ with codexnet's hub and proxy
+
+
+async def test_between_the_real_hub_and_proxy(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The relay speaks codexnet's protocol: hello/welcome seen, a cut makes it reconnect."""
+    hub = Hub({"p1": ProxyEntry("right-token-p1")})
+    await nursery.start(hub.serve, "127.0.0.1", 0)
+    relay = TcpRelay("127.0.0.1", hub.port)
+    await nursery.start(relay.serve)
+    config = attrs.evolve(
+        proxy_config(tmp_path, fake_codex(tmp_path)),
+        manager_ws=f"ws://127.0.0.1:{relay.port}",
+        proxy_id="p1",
+        proxy_token="right-token-p1",
+    )
+    service = ProxyService(config, AppServer(config))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as proxy_nursery:
+            proxy_nursery.start_soon(service.run)
+            hello = await relay.wait_for_frame("up", "hello")
+            assert hello.message["proxy_id"] == "p1"
+            await relay.wait_for_frame("down", "welcome")
+            await hub.wait_online("p1")
+            trap = relay.cut_on("up", "task_result")  # the answer dies on the wire…
+            result = await hub.run_task("p1", "hello")  # …the proxy re-sends it on reconnect
+            # Cut first: a cancelled proxy waits 2 s for a close handshake its cancelled
+            # reader task can never see (codexnet.wsclient); a dead socket ends that at once.
+            relay.cut()
+            proxy_nursery.cancel_scope.cancel()
+    assert (result.status, result.text) == ("completed", "Echo: hello")
+    assert (await trap.wait()).fate == "dropped"
+    sent = relay.messages("up", "task_result")
+    assert [(f.connection, f.fate) for f in sent] == [(1, "dropped"), (2, "forwarded")]
+    assert [f.type for f in relay.messages("up", "hello")] == ["hello", "hello"]
