@@ -71,11 +71,73 @@ async def serve_http(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` until cancelled; `task_status.started(port)` once listening."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, _connection_handler(handler), listeners)
-        task_status.started(bound)
+    await HttpServer(handler, host=host, port=port).serve(task_status=task_status)
+
+
+class HttpServer:
+    """`serve_http` with an off switch, for fakes that must become unreachable.
+
+    `await go_down()` closes the listening socket (new connections are refused)
+    and every open connection, idle keep-alive ones and requests in flight
+    alike (their handlers are cancelled; the client sees the connection
+    closed without an answer). `await come_up()` listens again on the same
+    port (SO_REUSEADDR, which trio sets), so the base URL does not change.
+    """
+
+    def __init__(self, handler: Handler, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.is_up = False
+        self._scope: trio.CancelScope | None = None
+        self._want_up = trio.Event()
+        self._changed = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `task_status.started(port)` once first listening."""
+        listeners = await self._listen()
+        while True:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with trio.open_nursery() as nursery:
+                    # The connection handlers run in serve_listeners' own nursery,
+                    # so cancelling this scope closes them along with the listener.
+                    await nursery.start(
+                        trio.serve_listeners, _connection_handler(self.handler), listeners
+                    )
+                    self._set_up(True)
+                    task_status.started(self.port)
+                    task_status = trio.TASK_STATUS_IGNORED  # started() only once
+            self._scope = None
+            self._set_up(False)
+            await self._want_up.wait()
+            self._want_up = trio.Event()
+            listeners = await self._listen()
+
+    async def _listen(self) -> list[trio.SocketListener]:
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.port = int(listeners[0].socket.getsockname()[1])
+        return listeners
+
+    def _set_up(self, up: bool) -> None:
+        self.is_up = up
+        event, self._changed = self._changed, trio.Event()
+        event.set()
+
+    async def _wait_up(self, up: bool) -> None:
+        while self.is_up != up:
+            await self._changed.wait()
+
+    async def go_down(self) -> None:
+        """Stop listening and close every connection; return once all are closed."""
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._wait_up(False)
+
+    async def come_up(self) -> None:
+        """Listen on the same port again; return once accepting."""
+        self._want_up.set()
+        await self._wait_up(True)
 
 
 def _connection_handler(handler: Handler) -> Callable[[trio.SocketStream], Awaitable[None]]:

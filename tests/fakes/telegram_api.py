@@ -22,6 +22,28 @@ Deliberate simplifications (the real server is the reference):
   not modelled.
 * ``allowed_updates`` is applied when an update is pushed (like the real server,
   which does not store unwanted updates), not when it is delivered.
+
+Faults, for tests of what the bot does when Telegram misbehaves (each works
+over HTTP and in memory):
+
+* ``fail_next(method, error_code=…)``: the next calls fail (429 with
+  ``retry_after``, 5xx, raw ``NGINX_502_HTML``); ``delay_next``: answered late.
+* ``drop_next(method)``: the connection is closed before the request is
+  processed (nothing happened). ``drop_after_next(method)``: the request takes
+  effect (the message is in the chat), then the connection is closed without
+  an answer: the bot cannot know whether it was posted.
+* ``fail_all(502)`` … ``stop_failing()``: every request fails ("Telegram
+  answering 5xx for minutes").
+* ``await go_down()`` … ``await come_up()``: unreachable. Over HTTP the port
+  stops listening (connection refused) and every open connection, a pending
+  long poll included, is closed; then it listens on the same port again. In
+  memory requests raise ``httpx.ConnectError`` and those in flight
+  ``httpx.RemoteProtocolError``.
+
+``requests`` records every request that reached the fake, with ``dropped``
+telling an answer that was never sent ("before"/"after" processing, "down")
+and ``processed_status`` what the fake did; ``count_messages(chat_id, text)``
+counts what the person sees.
 """
 
 from __future__ import annotations
@@ -33,14 +55,14 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 import attrs
 import httpx
 import trio
 
-from .httpserver import Request, Response, serve_http
+from .httpserver import HttpServer, Request, Response
 
 # --------------------------------------------------------------------------------------
 # Limits and exact error strings
@@ -285,19 +307,33 @@ class CallbackAnswer:
     time: float
 
 
+DropKind = Literal["before", "after", "down"]
+
+
 @attrs.frozen
 class RecordedRequest:
     method: str  # canonical spelling, e.g. "sendMessage"; the raw name for unknown methods
     params: dict[str, Any]
     time: float  # trio.current_time() when the request arrived
-    status: int  # HTTP status returned; 0 when the connection was dropped
+    status: int  # HTTP status returned; 0 when no answer was sent (see `dropped`)
     description: str | None = None
     files: dict[str, UploadedFile] = attrs.field(factory=dict)
     finished: float = 0.0  # trio.current_time() when the answer was produced
+    # Why no answer was sent: "before" processing (drop_next: no effect), "after"
+    # it (drop_after_next: the effect happened, the answer was lost), or "down"
+    # (go_down with the request in flight: cut wherever it was).
+    dropped: DropKind | None = None
+    processed_status: int = 0  # what the fake decided, also when the answer was lost
 
     @property
     def ok(self) -> bool:
+        """The client got a 200."""
         return self.status == 200
+
+    @property
+    def took_effect(self) -> bool:
+        """The request was processed successfully, whether or not the client heard."""
+        return self.processed_status == 200
 
 
 @attrs.frozen
@@ -344,7 +380,7 @@ class TokenBucket:
 
 @attrs.define
 class _Fault:
-    kind: str  # "fail" | "drop" | "delay"
+    kind: str  # "fail" | "drop" | "drop_after" | "delay"
     times: int
     error_code: int = 0
     description: str | None = None
@@ -384,6 +420,7 @@ class _Call:
     params: dict[str, Any]
     files: dict[str, UploadedFile]
     now: float
+    drop_answer: bool = False  # set by a drop_after_next fault
 
 
 _Result = tuple[Any, str | None]  # result, optional description
@@ -462,6 +499,10 @@ class FakeTelegram:
         self._pending_poll: int | None = None
         self._poll_wake = trio.Event()
         self._changed = trio.Event()
+        self._http: HttpServer | None = None
+        self._down = False
+        self._outage: _Fault | None = None  # fail_all
+        self._in_flight: set[trio.CancelScope] = set()  # in-memory requests being handled
 
     # ----------------------------------------------------------------- serving
 
@@ -476,8 +517,9 @@ class FakeTelegram:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on 127.0.0.1 until cancelled; `task_status.started(base_url)`."""
+        self._http = HttpServer(self.handle_request)
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_http, self.handle_request)
+            port = await nursery.start(self._http.serve)
             self._base_url = f"http://127.0.0.1:{port}"
             task_status.started(self._base_url)
 
@@ -485,6 +527,8 @@ class FakeTelegram:
         """An in-process transport (use with base URL `MOCK_BASE_URL`); no sockets."""
 
         async def handler(request: httpx.Request) -> httpx.Response:
+            if self._down:
+                raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
             body = await request.aread()
             req = Request(
                 method=request.method,
@@ -492,12 +536,20 @@ class FakeTelegram:
                 headers={k.lower(): v for k, v in request.headers.items()},
                 body=body,
             )
-            try:
-                response = await self._respond(req)
-            except _DropConnection:
-                raise httpx.RemoteProtocolError(
-                    "Server disconnected without sending a response.", request=request
-                ) from None
+            disconnected = httpx.RemoteProtocolError(
+                "Server disconnected without sending a response.", request=request
+            )
+            response: Response | None = None
+            with trio.CancelScope() as scope:  # cancelled by go_down()
+                self._in_flight.add(scope)
+                try:
+                    response = await self._respond(req)
+                except _DropConnection:
+                    raise disconnected from None
+                finally:
+                    self._in_flight.discard(scope)
+            if response is None:
+                raise disconnected
             assert isinstance(response.body, bytes)
             return httpx.Response(response.status, headers=response.headers, content=response.body)
 
@@ -506,10 +558,47 @@ class FakeTelegram:
     async def handle_request(self, request: Request) -> Response:
         """The `serve_http` handler. A dropped request closes the connection unanswered."""
         try:
+            if self._down:  # a request that slipped in while going down
+                raise _DropConnection
             return await self._respond(request)
         except _DropConnection:
             # serve_http treats BrokenResourceError as "client went away" and closes.
             raise trio.BrokenResourceError("fake telegram: dropped on purpose") from None
+
+    # ----------------------------------------------------------------- outages
+
+    @property
+    def is_down(self) -> bool:
+        return self._down
+
+    async def go_down(self) -> None:
+        """Become unreachable: refuse connections, close open ones (in-flight requests too)."""
+        self._down = True
+        for scope in list(self._in_flight):
+            scope.cancel()
+        if self._http is not None:
+            await self._http.go_down()
+        self._notify()
+
+    async def come_up(self) -> None:
+        """Reachable again, on the same port (`base_url` is unchanged)."""
+        self._down = False
+        if self._http is not None:
+            await self._http.come_up()
+        self._notify()
+
+    def fail_all(
+        self, error_code: int = 502, *, description: str | None = None, body: bytes | None = None
+    ) -> None:
+        """Every request, of any method, fails with `error_code` until `stop_failing()`.
+
+        The answer is Telegram's JSON envelope (`description` defaults to the usual
+        text, "Bad Gateway" for 502), or `body` as raw text/html (`NGINX_502_HTML`).
+        """
+        self._outage = _Fault("fail", 0, error_code=error_code, description=description, body=body)
+
+    def stop_failing(self) -> None:
+        self._outage = None
 
     # ----------------------------------------------------------------- waiting
 
@@ -680,6 +769,39 @@ class FakeTelegram:
             if m.from_bot and (include_deleted or not m.deleted)
         ]
 
+    def texts(self, chat_id: int) -> list[str]:
+        """The current text (or caption) of each bot message in the chat, oldest first."""
+        return [m.text or m.caption or "" for m in self.messages(chat_id)]
+
+    def count_messages(
+        self,
+        chat_id: int,
+        text: str | Callable[[str], bool] | None = None,
+        *,
+        include_deleted: bool = False,
+    ) -> int:
+        """How many bot messages in the chat show `text` (equal, or a predicate on the
+        text or caption; None: any). An answer posted twice counts 2."""
+        if text is None:
+            return len(self.messages(chat_id, include_deleted=include_deleted))
+        check = text if callable(text) else text.__eq__
+        return sum(
+            1
+            for m in self.messages(chat_id, include_deleted=include_deleted)
+            if check(m.text or m.caption or "")
+        )
+
+    def calls(
+        self, method: str | None = None, where: Callable[[RecordedRequest], bool] | None = None
+    ) -> list[RecordedRequest]:
+        """Recorded requests of `method` (any spelling; None: all) matching `where`."""
+        name = None if method is None else self._canonical(method)
+        return [
+            r
+            for r in self.requests
+            if (name is None or r.method == name) and (where is None or where(r))
+        ]
+
     def transcript(self, chat_id: int) -> list[StoredMessage]:
         """All (not deleted) messages in the chat, the user's and the bot's."""
         return [m for m in self._messages.get(chat_id, {}).values() if not m.deleted]
@@ -743,6 +865,11 @@ class FakeTelegram:
         """The next `times` calls of `method` get their connection closed, unanswered."""
         self._faults[self._canonical(method)].append(_Fault("drop", times))
 
+    def drop_after_next(self, method: str, *, times: int = 1) -> None:
+        """The next `times` calls of `method` are processed (a message is posted), then
+        their connection is closed unanswered: the client cannot tell what happened."""
+        self._faults[self._canonical(method)].append(_Fault("drop_after", times))
+
     def delay_next(self, method: str, seconds: float, *, times: int = 1) -> None:
         """The next `times` calls of `method` are answered normally after `seconds`."""
         self._faults[self._canonical(method)].append(_Fault("delay", times, seconds=seconds))
@@ -767,41 +894,71 @@ class FakeTelegram:
             early = ApiError(401, ERR_UNAUTHORIZED)
         elif not sep or "/" in method:
             early = ApiError(404, ERR_NOT_FOUND)
-        if early is not None:  # never log the path: it may hold a token
-            label = "<not found>" if early.code == 404 else "<bad token>"
-            self._record(label, {}, {}, arrived, early.code, early.description)
-            return _envelope_error(early)
         entry = _METHODS.get(method.lower())
         name = entry[0] if entry else method
+        if early is not None:  # never log the path: it may hold a token
+            name = "<not found>" if early.code == 404 else "<bad token>"
+        if self._outage is not None:  # a broken front end answers before any check
+            return self._answer_outage(request, name, arrived)
+        if early is not None:
+            self._record(name, {}, {}, arrived, early.code, early.description)
+            return _envelope_error(early)
         params: dict[str, Any] = {}
         files: dict[str, UploadedFile] = {}
         status = 0
         description: str | None = None
+        dropped: DropKind | None = None
+        call: _Call | None = None
         try:
             try:
                 if entry is None:
                     raise ApiError(404, ERR_METHOD_NOT_FOUND)
                 params, files = _parse_params(request)
                 self._notify()
-                result, description = await self._dispatch(
-                    entry[1], _Call(name, params, files, arrived)
-                )
+                call = _Call(name, params, files, arrived)
+                result, description = await self._dispatch(entry[1], call)
                 status = 200
-                return _envelope_ok(result, description)
+                response = _envelope_ok(result, description)
             except ApiError as exc:
                 status, description = exc.code, exc.description
-                return _envelope_error(exc)
+                response = _envelope_error(exc)
             except _FaultBody as exc:
                 status = exc.status
-                return Response(exc.status, exc.body, {"content-type": "text/html"})
-            except (_DropConnection, trio.Cancelled):
+                response = Response(exc.status, exc.body, {"content-type": "text/html"})
+            except _DropConnection:
+                dropped = "before"
+                raise
+            except trio.Cancelled:
+                if self._down:
+                    dropped = "down"
                 raise
             except Exception as exc:  # a bug in the fake: answer 500, keep the evidence
                 self.internal_errors.append(exc)
                 status, description = 500, f"Internal Server Error: fake telegram bug: {exc!r}"
-                return _envelope_error(ApiError(500, description))
+                response = _envelope_error(ApiError(500, description))
+            if call is not None and call.drop_answer:
+                dropped = "after"
+                raise _DropConnection
+            return response
         finally:
-            self._record(name, params, files, arrived, status, description)
+            processed = status
+            if dropped is not None:
+                status = 0
+            self._record(name, params, files, arrived, status, description, dropped, processed)
+
+    def _answer_outage(self, request: Request, name: str, arrived: float) -> Response:
+        """fail_all(): the answer of a broken front end, before any routing or checks."""
+        fault = self._outage
+        assert fault is not None
+        try:
+            params, files = _parse_params(request)
+        except (ApiError, ValueError):  # only for the record: an outage answers anything
+            params, files = {}, {}
+        description = fault.description or _DEFAULT_DESCRIPTIONS.get(fault.error_code, "Error")
+        self._record(name, params, files, arrived, fault.error_code, description)
+        if fault.body is not None:
+            return Response(fault.error_code, fault.body, {"content-type": "text/html"})
+        return _envelope_error(ApiError(fault.error_code, description))
 
     def _record(
         self,
@@ -811,10 +968,20 @@ class FakeTelegram:
         arrived: float,
         status: int,
         description: str | None,
+        dropped: DropKind | None = None,
+        processed_status: int | None = None,
     ) -> None:
         self.requests.append(
             RecordedRequest(
-                method, params, arrived, status, description, files, trio.current_time()
+                method,
+                params,
+                arrived,
+                status,
+                description,
+                files,
+                trio.current_time(),
+                dropped,
+                status if processed_status is None else processed_status,
             )
         )
         self.stats.by_status[status] += 1
@@ -833,7 +1000,9 @@ class FakeTelegram:
                 faults.pop(0)
             if fault.kind == "drop":
                 raise _DropConnection
-            if fault.kind == "delay":
+            if fault.kind == "drop_after":
+                call.drop_answer = True
+            elif fault.kind == "delay":
                 await trio.sleep(fault.seconds)
             else:
                 self._raise_injected(fault, call)
