@@ -262,8 +262,15 @@ def measure_revision(rev: str, args: argparse.Namespace) -> dict[str, float]:
     try:
         env = {**os.environ, "CODEXNET_BENCH_ROOT": str(tree)}
         out = subprocess.run(
-            [sys.executable, __file__, "--json", "--messages", str(args.messages)]
-            + ["--burst", str(args.burst)],
+            [
+                sys.executable,
+                __file__,
+                "--json",
+                "--messages",
+                str(args.messages),
+                "--burst",
+                str(args.burst),
+            ],
             env=env,
             check=True,
             capture_output=True,

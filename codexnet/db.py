@@ -254,9 +254,7 @@ class Database:
                 else:
                     # Shielded: a commit cannot be abandoned half-way on the thread.
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(
-                            conn.execute, "COMMIT", limiter=self._limiter
-                        )
+                        await trio.to_thread.run_sync(conn.execute, "COMMIT", limiter=self._limiter)
             except BaseException:
                 if conn.in_transaction:  # SQLite may have rolled back already (disk full)
                     conn.execute("ROLLBACK")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from codexnet.manager.bot import HELP
 from tests.fakes.codex_env import write_codex_home
 from tests.fakes.processes import (
     ManagerProcess,
@@ -68,7 +67,11 @@ async def test_manager_answers_help_and_sigkill_leaves_nothing(
             assert port > 0
             await manager.wait_for_log(r"Telegram bot @\w+ ready")
             telegram.push_message(USER, "/help")
-            await telegram.wait_until(lambda: telegram.count_messages(USER, HELP) == 1)
+            await telegram.wait_until(
+                lambda: (
+                    telegram.count_messages(USER, lambda t: t.startswith("Send me a message")) == 1
+                )
+            )
             manager.kill()
             await manager.wait_tree_gone()
             assert manager.returncode == -signal.SIGKILL

@@ -17,10 +17,10 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from codexnet.config import ProxyEntry
-from codexnet.manager.hub import Hub
 from codexnet.proxy.appserver import AppServer
 from codexnet.proxy.service import ProxyService
 from codexnet.wsclient import connect_websocket
+from tests.fakes.hubrun import serve_hub
 from tests.fakes.relay import (
     OP_BINARY,
     OP_CLOSE,
@@ -574,8 +574,8 @@ async def test_cut_on_after_delivers_a_big_message_whole(
 
 async def test_between_the_real_hub_and_proxy(tmp_path: Path, nursery: trio.Nursery) -> None:
     """The relay speaks codexnet's protocol: hello/welcome seen, a cut makes it reconnect."""
-    hub = Hub({"p1": ProxyEntry("right-token-p1")})
-    await nursery.start(hub.serve, "127.0.0.1", 0)
+    runner = await nursery.start(serve_hub, {"p1": ProxyEntry("right-token-p1")})
+    hub = runner.hub
     relay = TcpRelay("127.0.0.1", hub.port)
     await nursery.start(relay.serve)
     config = attrs.evolve(
@@ -593,10 +593,7 @@ async def test_between_the_real_hub_and_proxy(tmp_path: Path, nursery: trio.Nurs
             await relay.wait_for_frame("down", "welcome")
             await hub.wait_online("p1")
             trap = relay.cut_on("up", "task_result")  # the answer dies on the wire…
-            result = await hub.run_task("p1", "hello")  # …the proxy re-sends it on reconnect
-            # Cut first: a cancelled proxy waits 2 s for a close handshake its cancelled
-            # reader task can never see (codexnet.wsclient); a dead socket ends that at once.
-            relay.cut()
+            result = await runner.run_task("p1", "hello")  # …the proxy re-sends it on reconnect
             proxy_nursery.cancel_scope.cancel()
     assert (result.status, result.text) == ("completed", "Echo: hello")
     assert (await trap.wait()).fate == "dropped"

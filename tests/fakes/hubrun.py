@@ -76,3 +76,15 @@ async def open_hub(
             yield HubRunner(hub, store, dispatcher)
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def serve_hub(
+    proxies: Mapping[str, ProxyEntry],
+    *,
+    task_status: trio.TaskStatus[HubRunner] = trio.TASK_STATUS_IGNORED,
+    **hub_options: Any,
+) -> None:
+    """`open_hub` as a startable service: `runner = await nursery.start(serve_hub, proxies)`."""
+    async with open_hub(proxies, **hub_options) as runner:
+        task_status.started(runner)
+        await trio.sleep_forever()
