@@ -20,7 +20,8 @@ from codexnet.manager.approvals import Approvals
 from codexnet.manager.delivery import Delivery
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.outbox import Outbox
-from codexnet.manager.replies import Replies
+from codexnet.manager.render import Chunk
+from codexnet.manager.replies import Replies, answer_parts
 from codexnet.manager.service import open_store
 from codexnet.manager.store import ManagerStore, Outcome, TaskRecord
 from codexnet.manager.telegram import TelegramClient
@@ -242,3 +243,32 @@ async def test_the_finished_state_and_the_thread_survive_in_one_write(
         assert conv.proxy == "proxy1"
         assert task.finished is not None
         assert task.finished <= time.time()
+
+
+async def test_after_a_restart_a_part_already_posted_is_found_not_sent_again(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    tg: TelegramClient,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    answer = "\n\n".join(f"Paragraph {i}: " + "word " * 150 for i in range(6))
+    parts = answer_parts(answer)
+    assert len(parts) >= 2
+    task = await finished_task(store, Outcome("completed", text=answer))
+    # The process before the restart had sent part 1 and counted it, then sent
+    # part 2 and died before counting it.
+    first = await tg.request("sendMessage", part_params(parts[0]))
+    await store.mark_parts_sent(task, 1, first["message_id"])
+    await tg.request("sendMessage", part_params(parts[1]))
+    await delivery(store, replies).deliver(task, None)
+    texts = [m.text or "" for m in fake.messages(USER)]
+    assert len(texts) == len(parts)  # part 2 was found in the chat, not sent twice
+    assert " ".join(texts).split() == answer.split()
+
+
+def part_params(part: Chunk) -> dict[str, object]:
+    params: dict[str, object] = {"chat_id": USER, "text": part.text}
+    if part.entities:
+        params["entities"] = list(part.entities)
+    return params

@@ -260,3 +260,41 @@ async def test_a_chat_action_never_waits_and_skips_a_paused_chat(
     await trio.sleep(21)
     await outbox.chat_action(USER)
     assert len(fake.chat_actions(USER)) == 1
+
+
+async def test_a_send_whose_answer_was_lost_is_found_in_the_chat_not_sent_again(
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
+) -> None:
+    await outbox.send("sendMessage", sends("before"), priority=Priority.ANSWER)
+    fake.push_message(USER, "the person types meanwhile")  # an id in between, not ours
+    outbox.note_message_id(USER, 2)
+    fake.drop_after_next("sendMessage")  # posted, but the connection dies before the answer
+    until = trio.current_time() + 600
+    posted = await outbox.send(
+        "sendMessage",
+        sends("the answer"),
+        priority=Priority.ANSWER,
+        until=until,
+        on_unknown="probe",
+    )
+    assert fake.count_messages(USER, "the answer") == 1
+    assert posted["message_id"] == fake.messages(USER)[-1].message_id
+    assert outbox.stats.probe_hits == 1
+    assert fake.stats.too_many_requests == 0
+
+
+async def test_without_a_probe_a_lost_answer_is_sent_again(
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Nothing known about the chat yet (a fresh start): the answer is never lost,
+    # at the price of a duplicate in this rare case.
+    fake.drop_after_next("sendMessage")
+    until = trio.current_time() + 600
+    await outbox.send(
+        "sendMessage",
+        sends("the answer"),
+        priority=Priority.ANSWER,
+        until=until,
+        on_unknown="probe",
+    )
+    assert fake.count_messages(USER, "the answer") == 2

@@ -229,7 +229,9 @@ class Bot:
         elif update_id in self._store.updates:
             log.info("update %s was journalled before a restart; not run again", update_id)
         else:
-            await self._conversations.submit(chat_id, 0, text, update_id=update_id)
+            await self._conversations.submit(
+                chat_id, 0, text, update_id=update_id, message_id=message.get("message_id")
+            )
 
     def _refuse(self, chat_id: int, user: dict[str, Any] | None) -> None:
         user_id = user.get("id") if user else None

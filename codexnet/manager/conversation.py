@@ -95,7 +95,13 @@ class Conversations:
     # ------------------------------------------------------------------ prompts
 
     async def submit(
-        self, chat_id: int, topic: int, text: str, *, update_id: int | None = None
+        self,
+        chat_id: int,
+        topic: int,
+        text: str,
+        *,
+        update_id: int | None = None,
+        message_id: int | None = None,
     ) -> TaskRecord | None:
         """Journal a prompt (durably) and wake its conversation; None if refused."""
         key = (chat_id, topic)
@@ -112,6 +118,7 @@ class Conversations:
             task_id=uuid.uuid4().hex,
             timeout_s=self._config.task_timeout_s,
             update_id=update_id,
+            message_id=message_id,
         )
         await self._store.add_task(task)
         if any(t.state in ("queued", "sent", "acked") for t in waiting):

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 import trio
 
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.liveview import LiveView
+from codexnet.manager.render import Chunk
 from codexnet.manager.replies import DOCUMENT_AFTER_PARTS, Replies, answer_parts, plain_parts
 from codexnet.manager.store import ManagerStore, Outcome, TaskRecord
+from codexnet.manager.telegram import TelegramError
 
 log = logging.getLogger(__name__)
+
+NO_ANCHOR: Final = -1  # delivery began without a known message id to look after
 
 FINISH_LINES: Final = {
     "completed": "✅ Done",
@@ -67,6 +71,7 @@ class Delivery:
     ) -> None:
         self._store = store
         self._replies = replies
+        self._outbox = replies.outbox
         self._approvals = approvals
         self._grace = grace
         self._give_up_s = give_up_s
@@ -86,13 +91,27 @@ class Delivery:
         parts = plain_parts(text) if outcome.line else answer_parts(text)
         with_document = len(parts) > DOCUMENT_AFTER_PARTS
         total = len(parts) + int(with_document)
-        for index in range(task.parts_sent, total):
+        # A previous run began this delivery: it may have sent the next part
+        # and died before counting it. That part is looked for in the chat
+        # (after the anchor) before it is sent again.
+        resumed = task.delivery_anchor is not None
+        if not resumed:
+            known = [i for i in (self._outbox.last_message_id(task.chat_id), task.message_id) if i]
+            anchor = max(known) if known else NO_ANCHOR
+            await self._store.mark_parts_sent(task, task.parts_sent, anchor)
+        first = task.parts_sent
+        for index in range(first, total):
             # Sending a part and counting it go together: a shutdown in between
             # would send it again after the restart.
             with self._grace.protect() as step:
+                message_id: int | None = None
                 if index < len(parts):
-                    sent = await self._replies.send_part(task.chat_id, parts[index], until=until)
-                    ok = sent is not None
+                    part = parts[index]
+                    if resumed and index == first:
+                        message_id = await self._already_posted(task, part)
+                    if message_id is None:
+                        message_id = await self._replies.send_part(task.chat_id, part, until=until)
+                    ok = message_id is not None
                 else:
                     ok = await self._replies.send_document(
                         task.chat_id,
@@ -109,7 +128,26 @@ class Delivery:
                         total,
                         task.task_id,
                     )
-                await self._store.mark_parts_sent(task, index + 1)
+                await self._store.mark_parts_sent(task, index + 1, message_id)
             if step.cancelled_caught:
                 return  # shutting down: the next start resumes at the part not yet counted
         await self._store.mark_done(task)
+
+    async def _already_posted(self, task: TaskRecord, part: Chunk) -> int | None:
+        anchor = task.delivery_anchor
+        if anchor is None or anchor == NO_ANCHOR:
+            return None  # nothing known to look after: send it (a duplicate at worst)
+        params: dict[str, Any] = {"chat_id": task.chat_id, "text": part.text}
+        if part.entities:
+            params["entities"] = list(part.entities)
+        try:
+            found = await self._outbox.find_posted(params, after=anchor)
+        except TelegramError:
+            return None
+        if found is None:
+            return None
+        log.info(
+            "chat %s: part of task %s was posted before the restart", task.chat_id, task.task_id
+        )
+        message_id = found.get("message_id")
+        return message_id if isinstance(message_id, int) else None

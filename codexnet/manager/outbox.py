@@ -157,6 +157,27 @@ class Outbox:
         if message_id > self._last_message_id.get(chat_id, 0):
             self._last_message_id[chat_id] = message_id
 
+    def last_message_id(self, chat_id: int) -> int | None:
+        """The newest message id seen in `chat_id` in this process, if any."""
+        return self._last_message_id.get(chat_id)
+
+    async def find_posted(
+        self, params: dict[str, Any], *, after: int, priority: Priority = Priority.ANSWER
+    ) -> dict[str, Any] | None:
+        """Is this `sendMessage` already in the chat, after message `after`? (See `_probe`.)
+
+        For a send whose fate a restart made unknown: the process that sent it
+        died before it could record the answer.
+        """
+        chat_id = int(params["chat_id"])
+        lane = self._lane(chat_id)
+        item = _Item(int(priority), next(self._seq), params, None)
+        await self._wait_turn(lane, item)
+        try:
+            return await self._probe(lane, params, last=after)
+        finally:
+            self._release(lane)
+
     def paused_until(self, chat_id: int) -> float:
         lane = self._lanes.get(chat_id)
         return lane.paused_until if lane else 0.0
@@ -213,7 +234,9 @@ class Outbox:
             except TelegramUnavailable as exc:
                 error = exc
                 if exc.fate == "unknown" and method == "sendMessage" and on_unknown == "probe":
-                    found = await self._probe(lane, item.params)
+                    found = await self._probe(
+                        lane, item.params, last=self._last_message_id.get(chat_id)
+                    )
             except TelegramError as exc:
                 error = exc
             finally:
@@ -361,7 +384,9 @@ class Outbox:
 
     # ------------------------------------------------------------------ unknown fate
 
-    async def _probe(self, lane: _Lane, params: dict[str, Any]) -> dict[str, Any] | None:
+    async def _probe(
+        self, lane: _Lane, params: dict[str, Any], *, last: int | None
+    ) -> dict[str, Any] | None:
         """Was this `sendMessage` posted after all? The message, if it can be found.
 
         Runs while the lane is still ours, so no other message of ours can land
@@ -370,7 +395,6 @@ class Outbox:
         only costs a duplicate; a false "found" cannot happen.
         """
         chat_id = lane.chat_id
-        last = self._last_message_id.get(chat_id)
         if last is None:
             return None
         self.stats.probes += 1

@@ -82,6 +82,8 @@ MIGRATIONS: Final = (
         view_message_id INTEGER,
         view_key TEXT,
         update_id INTEGER,
+        message_id INTEGER,
+        delivery_anchor INTEGER,
         done REAL
     );
     CREATE UNIQUE INDEX tasks_by_update ON tasks(update_id) WHERE update_id IS NOT NULL;
@@ -164,6 +166,11 @@ class TaskRecord:
     view_message_id: int | None = None
     view_key: str | None = None
     update_id: int | None = None  # the Telegram update it came from
+    message_id: int | None = None  # the person's message (its id in the chat)
+    # The chat's newest message id when delivery of the answer began, then the
+    # id of the last part sent: after a restart, the part whose fate is unknown
+    # is looked for after it before it is sent again.
+    delivery_anchor: int | None = None
     # Runtime only (rebuilt from events after a restart):
     text: str = ""
     step: str = ""
@@ -264,7 +271,8 @@ class ManagerStore:
         for row in conn.execute(
             "SELECT task_id, seq, chat_id, topic, prompt, created, state, proxy_id, thread_id,"
             " timeout_s, dispatched, acked, cancel, outcome, finished, parts_sent,"
-            " view_message_id, view_key, update_id FROM tasks WHERE state != 'done' ORDER BY seq"
+            " view_message_id, view_key, update_id, message_id, delivery_anchor"
+            " FROM tasks WHERE state != 'done' ORDER BY seq"
         ):
             task = TaskRecord(
                 task_id=row[0],
@@ -286,6 +294,8 @@ class ManagerStore:
                 view_message_id=row[16],
                 view_key=row[17],
                 update_id=row[18],
+                message_id=row[19],
+                delivery_anchor=row[20],
             )
             if task.update_id is not None:
                 self.updates.add(task.update_id)
@@ -415,12 +425,14 @@ class ManagerStore:
         task_id: str,
         timeout_s: float,
         update_id: int | None = None,
+        message_id: int | None = None,
     ) -> TaskRecord:
         """A new prompt; `add_task` makes it durable."""
         self._seq += 1
         task = TaskRecord(task_id, self._seq, chat_id, topic, prompt, time.time())
         task.timeout_s = timeout_s
         task.update_id = update_id
+        task.message_id = message_id
         self._remember(task)
         if update_id is not None:
             self.updates.add(update_id)
@@ -437,12 +449,13 @@ class ManagerStore:
             task.state,
             task.timeout_s,
             task.update_id,
+            task.message_id,
         )
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
                 "INSERT INTO tasks (task_id, seq, chat_id, topic, prompt, created, state,"
-                " timeout_s, update_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " timeout_s, update_id, message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
 
@@ -521,11 +534,17 @@ class ManagerStore:
 
         await self.db.write(fn, durable=True)
 
-    async def mark_parts_sent(self, task: TaskRecord, parts: int) -> None:
+    async def mark_parts_sent(
+        self, task: TaskRecord, parts: int, anchor: int | None = None
+    ) -> None:
         task.parts_sent = parts
-        values = (parts, task.task_id)
+        if anchor is not None:
+            task.delivery_anchor = anchor
+        values = (parts, task.delivery_anchor, task.task_id)
         await self.db.write(
-            lambda c: c.execute("UPDATE tasks SET parts_sent = ? WHERE task_id = ?", values)
+            lambda c: c.execute(
+                "UPDATE tasks SET parts_sent = ?, delivery_anchor = ? WHERE task_id = ?", values
+            )
         )
 
     async def mark_done(self, task: TaskRecord) -> None:
