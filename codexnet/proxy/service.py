@@ -71,12 +71,17 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S: Final = 15.0
 RECONNECT_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+RECONNECT_AFTER_DROP_S: Final = 0.5
 FORWARD_INTERVAL_S: Final = 0.3  # at most ~3 event batches per second per task
 FATAL_CLOSE_CODES: Final = {CLOSE_UNAUTHORIZED, CLOSE_UNKNOWN_PROXY, CLOSE_PROTOCOL_VERSION}
 
 
 class ProxyRefused(Exception):
     """The manager refused this proxy for good (wrong token, unknown id, version)."""
+
+
+class LinkDead(Exception):
+    """Nothing came from the manager for `heartbeat_timeout_s`: the link is half-dead."""
 
 
 @attrs.define(eq=False)
@@ -157,11 +162,11 @@ class ProxyService:
         failures = 0
         while True:
             refused: str | None = None
+            had_session = False
             try:
                 async with connect_websocket(
                     self._config.manager_ws, ssl_context=self._ssl_context
                 ) as ws:
-                    failures = 0
                     await self._session(ws, tasks)
             except* ConnectionClosed as group:
                 refused = _refusal(group)
@@ -172,11 +177,20 @@ class ProxyService:
                 )
             except* ProtocolError as group:
                 log.error("manager sent a bad frame: %s", _first(group))
+            except* LinkDead as group:
+                log.warning("%s; dropping the link and reconnecting", _first(group))
             finally:
+                had_session = self.connected.is_set()
                 self._ws = None
                 self.connected = trio.Event()
             if refused is not None:
                 raise ProxyRefused(refused)
+            if had_session:
+                # A link that worked just broke: come back at once (what it
+                # carried is replayed), spread over a moment for a whole fleet.
+                failures = 0
+                await trio.sleep(random.uniform(0, RECONNECT_AFTER_DROP_S))
+                continue
             delay = backoff(RECONNECT_BACKOFF_S, failures)
             failures += 1
             # Jitter spreads a fleet of proxies reconnecting after a manager restart.
@@ -195,18 +209,18 @@ class ProxyService:
         self._ws = ws
         self.connected.set()
         async with trio.open_nursery() as session:
-            session.start_soon(self._heartbeat, ws, session.cancel_scope)
+            session.start_soon(self._heartbeat, ws)
             await self._replay()
             while True:
                 frame = decode_manager_frame(await ws.get_message())
                 self._last_heard = trio.current_time()
                 await self._on_frame(frame, tasks)
 
-    async def _heartbeat(self, ws: WebSocketConnection, session: trio.CancelScope) -> None:
+    async def _heartbeat(self, ws: WebSocketConnection) -> None:
         """Ping the manager; a link silent for `heartbeat_timeout_s` is dropped.
 
         A half-dead link (the laptop slept, a NAT entry expired) keeps its socket
-        open while bytes vanish: only a missing pong shows it. Dropping it makes
+        open while bytes vanish: only a missing pong shows it. `LinkDead` makes
         `_connect_loop` reconnect, and the outbox is replayed on the new link.
         """
         timeout = self._config.heartbeat_timeout_s
@@ -218,12 +232,11 @@ class ProxyService:
                 self._last_heard = trio.current_time()
                 self.rtt = self._last_heard - sent
                 continue
-            log.warning(
-                "no answer from the manager for %.0f s; dropping the link and reconnecting",
-                trio.current_time() - self._last_heard,
+            # Raised, not returned: the link is dropped without the close
+            # handshake that a dead link can never complete.
+            raise LinkDead(
+                f"no answer from the manager for {trio.current_time() - self._last_heard:.0f} s"
             )
-            session.cancel()
-            return
 
     async def _on_frame(self, frame: object, tasks: trio.Nursery) -> None:
         if isinstance(frame, Task):
