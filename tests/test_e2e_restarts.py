@@ -18,7 +18,7 @@ import trio
 
 from tests.fakes.stack import USER, Stack, free_port, open_stack
 from tests.test_e2e_streaming import button_data, status_message, wait
-from tests.test_e2e_telegram import journal, statuses, texts
+from tests.test_e2e_telegram import journal, statuses, texts, wait_journal
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,7 @@ async def test_a_prompt_that_found_no_proxy_is_answered_after_a_restart(stack: S
     listen = ("127.0.0.1", free_port())
     async with stack.manager(manager_ws_listen=listen):
         stack.telegram.push_message(USER, "nobody home")
-        await wait(stack, lambda: journal(stack) == ["queued"])
+        await wait_journal(stack, ["queued"])
     # Stopped within proxy_wait_s: the prompt is journalled, not lost, not answered.
     assert texts(stack) == []
     async with stack.manager(manager_ws_listen=listen), stack.proxy(port=listen[1]):

@@ -32,6 +32,14 @@ def journal(stack: Stack) -> list[str]:
         return [state for (state,) in conn.execute("SELECT state FROM tasks ORDER BY seq")]
 
 
+async def wait_journal(stack: Stack, states: list[str], seconds: float = 60) -> None:
+    """Wait until the journal holds exactly `states` (another process's database
+    sends no notification, so it is looked at every 50 ms, under a deadline)."""
+    with trio.fail_after(seconds):
+        while journal(stack) != states:  # noqa: ASYNC110 - nothing to wait on but the file
+            await trio.sleep(0.05)
+
+
 STATUS = re.compile(r"^(⏳|✅ Done|⏹ Cancelled|⏱ Timed out|⚠️ Failed)( ·|\s|$)")
 
 
