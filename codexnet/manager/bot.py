@@ -139,8 +139,10 @@ class Bot:
                     continue
                 if await self._handle_batch(updates):
                     offset = max(int(u["update_id"]) for u in updates) + 1
-                    with trio.CancelScope(shield=True):
-                        await self._save_offset(offset)
+                    # Not awaited: the batch's effects are durable already, and
+                    # an offset lost in a crash only means updates redelivered
+                    # (prompts among them are recognised by their update id).
+                    self._store.save_offset_soon(offset)
                 else:
                     await trio.sleep(backoff(POLL_BACKOFF_S, 3))
         finally:
@@ -158,13 +160,6 @@ class Bot:
                 exc.description,
                 delay,
             )
-
-    async def _save_offset(self, offset: int) -> None:
-        try:
-            await self._store.save_offset(offset)
-        except StateError as exc:
-            # Telegram redelivers what we could not confirm; prompts are deduplicated.
-            log.error("%s; the update offset was not saved", exc)
 
     async def _confirm(self, offset: int) -> None:
         """Tell Telegram the last offset, so these updates are not redelivered."""

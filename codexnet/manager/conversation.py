@@ -120,11 +120,30 @@ class Conversations:
             update_id=update_id,
             message_id=message_id,
         )
+        # The common case — nothing else open here, its machine online — is
+        # journalled as dispatched in the same commit: one fsync, not two,
+        # before the task is on its way.
+        proxy_id = self._route_now(task) if not waiting else None
+        if proxy_id is not None:
+            self._store.assign(task, proxy_id, self._thread_for(task, proxy_id))
         await self._store.add_task(task)
+        if proxy_id is not None:
+            await self._dispatcher.send_task(task)
         if any(t.state in ("queued", "sent", "acked") for t in waiting):
             self._replies.post(chat_id, "Queued: I'll start on it when the current task finishes.")
         self._wake(key)
         return task
+
+    def _route_now(self, task: TaskRecord) -> str | None:
+        conv = self._store.conversation(task.conversation)
+        route = choose_proxy(
+            conv.proxy, self._config.default_proxy, self._hub.online, self._hub.known()
+        )
+        return route.proxy_id if route.proxy_id in self._hub.online else None
+
+    def _thread_for(self, task: TaskRecord, proxy_id: str) -> str | None:
+        conv = self._store.conversation(task.conversation)
+        return None if conv.reset else conv.threads.get(proxy_id)
 
     def _wake(self, key: ConversationKey) -> None:
         if key in self._active:
@@ -182,9 +201,7 @@ class Conversations:
         if proxy_id is None:
             await self._dispatcher.finish(task, Outcome("failed", line=why))
             return
-        conv = self._store.conversation(task.conversation)
-        thread_id = None if conv.reset else conv.threads.get(proxy_id)
-        await self._dispatcher.dispatch(task, proxy_id, thread_id)
+        await self._dispatcher.dispatch(task, proxy_id, self._thread_for(task, proxy_id))
 
     async def _route(self, task: TaskRecord) -> tuple[str | None, str]:
         """The proxy for this task, waiting briefly for one to connect; else why not.

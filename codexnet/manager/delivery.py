@@ -128,6 +128,9 @@ class Delivery:
                         total,
                         task.task_id,
                     )
+                if index + 1 == total:
+                    await self._store.mark_done(task, index + 1)  # one write for both
+                    return
                 await self._store.mark_parts_sent(task, index + 1, message_id)
             if step.cancelled_caught:
                 return  # shutting down: the next start resumes at the part not yet counted

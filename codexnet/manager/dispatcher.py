@@ -73,7 +73,12 @@ class Dispatcher:
         """Hand `task` to `proxy_id` (journalled first; sent now if it is online)."""
         await self._store.mark_dispatched(task, proxy_id, thread_id)
         task.poke()
-        await self._hub.send(proxy_id, self._task_frame(task))
+        await self.send_task(task)
+
+    async def send_task(self, task: TaskRecord) -> None:
+        """Send a journalled, dispatched task now, if its proxy is online."""
+        assert task.proxy_id is not None
+        await self._hub.send(task.proxy_id, self._task_frame(task))
 
     async def finish(self, task: TaskRecord, outcome: Outcome) -> None:
         """End `task` here (a manager-side failure, or the proxy's result)."""

@@ -407,6 +407,12 @@ class ManagerStore:
         self.offset = offset
         await self.db.write(lambda c: _set_meta(c, "offset", str(offset)), durable=True)
 
+    def save_offset_soon(self, offset: int) -> None:
+        """Queue the offset (a failure is logged; Telegram then redelivers, which is safe)."""
+        if offset != self.offset:
+            self.offset = offset
+            self.db.write_soon(lambda c: _set_meta(c, "offset", str(offset)))
+
     # ------------------------------------------------------------------ conversations
 
     async def save_conversation(self, key: ConversationKey) -> None:
@@ -438,6 +444,11 @@ class ManagerStore:
             self.updates.add(update_id)
         return task
 
+    def assign(self, task: TaskRecord, proxy_id: str, thread_id: str | None) -> None:
+        """Dispatch a task not yet stored: `add_task` then writes it as sent."""
+        task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
+        task.dispatched = time.time()
+
     async def add_task(self, task: TaskRecord) -> None:
         values = (
             task.task_id,
@@ -450,12 +461,16 @@ class ManagerStore:
             task.timeout_s,
             task.update_id,
             task.message_id,
+            task.proxy_id,
+            task.thread_id,
+            task.dispatched,
         )
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
                 "INSERT INTO tasks (task_id, seq, chat_id, topic, prompt, created, state,"
-                " timeout_s, update_id, message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " timeout_s, update_id, message_id, proxy_id, thread_id, dispatched)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
 
@@ -547,16 +562,21 @@ class ManagerStore:
             )
         )
 
-    async def mark_done(self, task: TaskRecord) -> None:
-        """Every part of the answer is in the chat: the task leaves the journal."""
+    async def mark_done(self, task: TaskRecord, parts: int | None = None) -> None:
+        """Every part of the answer is in the chat: the task leaves the journal.
+
+        `parts`: the count of parts sent, when the last one is counted here too.
+        """
         task.state = "done"
+        if parts is not None:
+            task.parts_sent = parts
         self._forget(task)
         self.done.add(task.task_id)
-        values = (time.time(), task.task_id)
+        values = (time.time(), task.parts_sent, task.task_id)
         await self.db.write(
             lambda c: c.execute(
-                "UPDATE tasks SET state = 'done', done = ?, prompt = '', outcome = NULL"
-                " WHERE task_id = ?",
+                "UPDATE tasks SET state = 'done', done = ?, parts_sent = ?, prompt = '',"
+                " outcome = NULL WHERE task_id = ?",
                 values,
             )
         )
