@@ -26,7 +26,8 @@ from codexnet.protocol import CLOSE_BAD_FRAME, CLOSE_UNAUTHORIZED, PROTOCOL_VERS
 from codexnet.proxy.appserver import AppServer
 from codexnet.proxy.service import ProxyRefused, ProxyService
 from codexnet.wsclient import connect_websocket
-from tests.fakes.hubrun import HubRunner, open_hub
+from tests.fakes.hubrun import HubRunner, open_hub, serve_hub
+from tests.fakes.relay import TcpRelay
 from tests.test_appserver import fake_codex, proxy_config
 
 PROXIES = {"p1": ProxyEntry("right-token-p1", ("gpu",)), "p2": ProxyEntry("right-token-p2")}
@@ -210,3 +211,35 @@ async def test_a_task_beyond_capacity_waits_and_says_so(tmp_path: Path, hub: Hub
         nursery.cancel_scope.cancel()
     assert sorted(r.text for r in results) == ["Echo: second", "Echo: slow"]
     assert "queued: all 1 slots of this machine are busy" in steps
+
+
+async def test_a_half_dead_link_is_noticed_by_both_ends_within_the_heartbeat(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    heartbeat = 1.5
+    runner = await nursery.start(partial(serve_hub, PROXIES, heartbeat_timeout_s=heartbeat))
+    relay = TcpRelay("127.0.0.1", runner.port)
+    port = await nursery.start(relay.serve)
+    base = make_proxy(tmp_path, runner)
+    config = attrs.evolve(
+        base._config, manager_ws=f"ws://127.0.0.1:{port}", heartbeat_timeout_s=heartbeat
+    )
+    service = ProxyService(config, AppServer(config))
+    nursery.start_soon(service.run)
+    with trio.fail_after(20):
+        first = await runner.hub.wait_online("p1")
+        await trio.sleep(heartbeat)  # a few heartbeats go through: the RTT is known
+        assert first.rtt is not None
+        assert service.rtt is not None
+        relay.blackhole(new_connections="work")  # sockets open, bytes vanish
+        dead = trio.current_time()
+        while runner.hub.online.get("p1") is first:
+            await runner.hub.wait_change()
+        noticed = trio.current_time() - dead
+        second = await runner.hub.wait_online("p1")  # the proxy came back on a new link
+        back = trio.current_time() - dead
+    assert second is not first
+    assert noticed <= heartbeat + 0.5
+    assert back <= heartbeat + 1.5
+    result = await runner.run_task("p1", "after the black hole")
+    assert result.text == "Echo: after the black hole"

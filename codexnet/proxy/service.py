@@ -255,6 +255,8 @@ class ProxyService:
         elif isinstance(frame, ResultAck):
             if self._outbox.pop(frame.task_id, None) is not None:
                 self._store.acked(frame.task_id)
+            else:
+                log.debug("result_ack for a result not held here: %s", frame.task_id)
 
     def _hello(self) -> Hello:
         return Hello(
