@@ -56,6 +56,7 @@ async def test_a_slow_answer_streams_into_a_draft_without_a_single_429(stack: St
     assert all(re.match(r"⏳ proxy1 · 0:\d\d · ", t) for t in drafts)
     assert texts(stack)[-1] == " ".join(f"tick {i}" for i in range(1, 9))
     assert re.fullmatch(r"✅ Done · proxy1 · 0:0\d", statuses(stack)[-1])
+    assert stack.telegram.chat_actions(USER)  # "typing" while it worked
     assert stack.telegram.stats.too_many_requests == 0
 
 
