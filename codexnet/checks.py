@@ -170,7 +170,9 @@ def check_manager(config: ManagerConfig, *, state_dir: StateDirCheck = "check") 
             )
         seen.setdefault(entry.token, proxy_id)
     if state_dir != "skip":
-        problem = state_dir_problem(config.state_dir, create=state_dir == "create")
+        # Last, and nothing is created for a config that is refused anyway.
+        create = state_dir == "create" and not errors(found)
+        problem = state_dir_problem(config.state_dir, create=create)
         if problem is not None:
             add("state_dir", problem, fatal=True)
     return found
@@ -199,7 +201,8 @@ def check_proxy(
             )
         )
     if state_dir != "skip":
-        problem = state_dir_problem(config.state_dir, create=state_dir == "create")
+        create = state_dir == "create" and not errors(found)
+        problem = state_dir_problem(config.state_dir, create=create)
         if problem is not None:
             found.append(Finding(source, "state_dir", problem, True))
     return found

@@ -185,8 +185,7 @@ def _run_listening(run: Callable[[], int], host: str, port: int, key: str) -> in
         if error is None:
             raise
         print(
-            f"{PROG}: cannot listen on {host}:{port} ({key}): "
-            f"{os.strerror(error.errno or 0)}",
+            f"{PROG}: cannot listen on {host}:{port} ({key}): {os.strerror(error.errno or 0)}",
             file=sys.stderr,
         )
         return EXIT_FAILED

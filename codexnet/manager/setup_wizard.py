@@ -264,7 +264,7 @@ def proxy_config_text(
     header: str,
 ) -> str:
     state_line = (
-        f'  // This proxy\'s own state.\n  "state_dir": {json.dumps(state_dir)},\n'
+        f'\n  // This proxy\'s own state.\n  "state_dir": {json.dumps(state_dir)},\n'
         if state_dir is not None
         else ""
     )
