@@ -87,7 +87,7 @@ def test_the_units_point_at_this_checkout_and_keep_secrets_out(rendered: Path) -
     assert proxy["Environment"][0].startswith(f"PATH={ROOT}/.tools/codex/node_modules/.bin:")
     for unit in (manager, proxy):
         assert unit["Type"] == ["notify"]
-        assert unit["RestartPreventExitStatus"] == ["2 3"]
+        assert unit["RestartPreventExitStatus"] == ["2 3 243"]
         assert unit["LimitNOFILE"] == ["65536"]
         assert "WatchdogSec" in unit
         assert not any("TOKEN" in value for values in unit.values() for value in values)
