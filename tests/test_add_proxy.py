@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -113,3 +114,22 @@ def test_add_member_changes_exactly_one_thing(text: str) -> None:
 def test_add_member_refuses_shapes_it_cannot_edit(text: str) -> None:
     with pytest.raises(EditError):
         add_member(text, "proxies", "new", {"token": "t"})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can hand a file to another user")
+def test_root_editing_someones_config_leaves_it_theirs(tmp_path: Path) -> None:
+    path = tmp_path / "codex_config.json"
+    path.write_text(MANAGER_JSONC)
+    os.chown(path, 65534, 65534)
+    result = subprocess.run(
+        python_module("codexnet.manager", "--add-proxy", "box"),
+        cwd=tmp_path,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)

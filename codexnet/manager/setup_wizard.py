@@ -67,7 +67,9 @@ class SetupError(Exception):
 # --------------------------------------------------------------------------- files
 
 
-def write_private(path: Path, text: str, *, mode: int = 0o600) -> Path:
+def write_private(
+    path: Path, text: str, *, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> Path:
     """Write `text` to a temporary file beside `path` (mode 0600); return its name.
 
     The caller renames it into place: until then `path` is untouched.
@@ -75,6 +77,10 @@ def write_private(path: Path, text: str, *, mode: int = 0o600) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            # root editing someone's config: it must stay theirs to read.
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, *owner)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -187,6 +193,8 @@ def wait_for_owner(api: BotAPI, timeout_s: float, clock: Callable[[], float]) ->
     anybody. The message taken is confirmed to Telegram, so the manager does
     not later run it as a prompt.
     """
+    # A webhook makes getUpdates fail with 409; the manager removes it at start anyway.
+    api.call("deleteWebhook", {"drop_pending_updates": False})
     latest = api.call("getUpdates", {"offset": -1, "timeout": 0})
     offset = latest[-1]["update_id"] + 1 if latest else None
     deadline = clock() + timeout_s
@@ -529,10 +537,16 @@ def _add_proxy(config_path: Path, proxy_id: str, out: TextIO) -> int:
         raise SetupError(f"{config_path}: cannot add the proxy safely; add it by hand")
 
     backup = config_path.with_name(config_path.name + ".bak")
-    mode = config_path.stat().st_mode & 0o777
+    st = config_path.stat()
     shutil.copy2(config_path, backup)
-    os.chmod(backup, mode & 0o700)
-    install_files_with_mode(config_path, new_text, mode)
+    os.chmod(backup, st.st_mode & 0o700)
+    tmp = write_private(
+        config_path, new_text, mode=st.st_mode & 0o777, owner=(st.st_uid, st.st_gid)
+    )
+    try:
+        os.replace(tmp, config_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
     host, port = config.manager_ws_listen
     manager_ws, local_only = _manager_ws_for(host, port, config.manager_tls_cert is not None)
@@ -564,14 +578,6 @@ def _add_proxy(config_path: Path, proxy_id: str, out: TextIO) -> int:
     for note in notes:
         print(f"{PROG}: {note}", file=sys.stderr)
     return EXIT_OK
-
-
-def install_files_with_mode(path: Path, text: str, mode: int) -> None:
-    tmp = write_private(path, text, mode=mode)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def default_proxy_config_for(config: Path) -> Path:
