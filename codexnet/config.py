@@ -298,17 +298,18 @@ def _apply_env(
 
 
 def _source_name(
-    path: Path | None, default: str, env: Mapping[str, str], mapping: Mapping[str, str]
+    path: Path | None, default: str, env: Mapping[str, str], required: tuple[str, ...]
 ) -> tuple[Path, bool]:
     """The file to read, and whether it must exist.
 
     A named file must exist. The default file may be missing only when the
-    environment configures this role (a container set up by variables alone);
-    otherwise "file not found" beats a misleading "telegram_bot_token: required".
+    environment holds every required setting of the role (a container set up
+    by variables alone); otherwise "file not found" beats a misleading
+    "telegram_bot_token: required".
     """
     if path is not None:
         return path, True
-    return Path(default), not any(env.get(key) for key in mapping)
+    return Path(default), not all(env.get(key) for key in required)
 
 
 # --------------------------------------------------------------------------- manager
@@ -330,7 +331,7 @@ def load_manager_config(
 ) -> ManagerConfig:
     """Load the manager's config from `path` (or ./codex_config.json) plus environment."""
     env = os.environ if env is None else env
-    file, required = _source_name(path, DEFAULT_MANAGER_CONFIG, env, MANAGER_ENV)
+    file, required = _source_name(path, DEFAULT_MANAGER_CONFIG, env, ("TELEGRAM_BOT_TOKEN",))
     data = _apply_env(read_config_file(file, required=required), env, MANAGER_ENV)
     r = _Reader(str(file), data)
 
@@ -404,7 +405,12 @@ def load_proxy_config(
 ) -> ProxyConfig:
     """Load a proxy's config from `path` (or ./proxy_config.json) plus environment."""
     env = os.environ if env is None else env
-    file, required = _source_name(path, DEFAULT_PROXY_CONFIG, env, PROXY_ENV)
+    file, required = _source_name(
+        path,
+        DEFAULT_PROXY_CONFIG,
+        env,
+        ("CODEXNET_MANAGER_WS", "CODEXNET_PROXY_ID", "CODEXNET_PROXY_TOKEN"),
+    )
     data = _apply_env(read_config_file(file, required=required), env, PROXY_ENV)
     r = _Reader(str(file), data)
 

@@ -143,7 +143,8 @@ async def test_without_a_config_the_manager_offers_init_and_then_runs(
 ) -> None:
     """The README's first command on a fresh clone, at a terminal."""
     (tmp_path / "work").mkdir()
-    env = child_env(TELEGRAM_API_BASE=telegram.base_url)
+    # The written config listens on 8765; any free port will do for the test.
+    env = child_env(TELEGRAM_API_BASE=telegram.base_url, MANAGER_WS_LISTEN="127.0.0.1:0")
     command = python_module("codexnet.manager", "--config", "codex_config.json")
     async with spawn(command, env=env, cwd=tmp_path) as term:
         await term.expect(r"codex_config.json does not exist. Create it now\? \[Y/n\] ")
