@@ -68,22 +68,25 @@ def token_problem(token: str) -> str | None:
 def state_dir_problem(path: Path, *, create: bool) -> str | None:
     """Why `path` cannot hold the service's state, or None.
 
-    With `create`, a missing directory is made (mode 0700) when its parent
-    exists; the parent must already be there, so a typo does not grow a tree.
-    A writable directory is proven by creating a file in it: permission bits
-    say nothing about a read-only mount (`ProtectSystem=strict`) or root.
+    With `create`, a missing directory is made (mode 0700, missing parents
+    too: the proxy's default is `state/proxy-<id>`) when its nearest existing
+    ancestor is a writable directory. A writable directory is proven by
+    creating a file in it: permission bits say nothing about a read-only mount
+    (`ProtectSystem=strict`) or root.
     """
     path = Path(os.path.abspath(path))
     if not path.exists():
-        parent = path.parent
-        if not parent.is_dir():
-            return f"{path}: does not exist, and neither does its parent {parent}"
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"{path}: cannot be created: {ancestor} is not a directory"
         if not create:
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{path}: does not exist, and {parent} is not writable"
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                return f"{path}: does not exist, and {ancestor} is not writable"
             return None
         try:
-            path.mkdir(mode=0o700)
+            path.mkdir(mode=0o700, parents=True)
         except FileExistsError:
             pass  # created meanwhile by someone else: check it like any other
         except OSError as exc:

@@ -25,13 +25,18 @@ def test_a_missing_state_dir_is_created_private_only_when_asked(tmp_path: Path) 
     assert list(state.iterdir()) == []  # the write probe leaves nothing behind
 
 
-def test_only_one_level_is_created(tmp_path: Path) -> None:
-    problem = state_dir_problem(tmp_path / "typo" / "state", create=True)
-    assert problem == (
-        f"{tmp_path / 'typo' / 'state'}: does not exist, and neither does its parent "
-        f"{tmp_path / 'typo'}"
-    )
-    assert not (tmp_path / "typo").exists()
+def test_missing_parents_are_created_under_a_writable_ancestor(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "proxy-laptop"
+    assert state_dir_problem(state, create=True) is None
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_nothing_can_be_created_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    problem = state_dir_problem(tmp_path / "f" / "a" / "state", create=True)
+    target = tmp_path / "f" / "a" / "state"
+    assert problem == f"{target}: cannot be created: {tmp_path / 'f'} is not a directory"
+    assert state_dir_problem(tmp_path / "f" / "state", create=False) is not None
 
 
 def test_a_file_is_not_a_state_dir(tmp_path: Path) -> None:

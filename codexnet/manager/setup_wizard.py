@@ -422,7 +422,7 @@ def init(options: InitOptions, out: TextIO) -> None:
                         proxy_token=proxy_token,
                         codex_cwd=codex_cwd,
                         codex_bin=codex_bin,
-                        state_dir=str(proxy_config.parent / "proxy-state"),
+                        state_dir=str(config.parent / "state" / f"proxy-{proxy_id}"),
                         header="for this machine, written by `--init`",
                     ),
                 ),
