@@ -138,6 +138,8 @@ async def test_ready_only_once_started_then_the_watchdog(
 
 
 # ------------------------------------------------------------------ the real services
+# Real processes that start and stop whole services (~2.5 s each, mostly their
+# clean shutdown): in the full suite, not the fast one.
 
 
 @asynccontextmanager
@@ -161,6 +163,7 @@ async def stop(process: trio.Process) -> int:
         return await process.wait()
 
 
+@pytest.mark.e2e
 async def test_the_manager_is_ready_after_telegram_start_up_and_says_stopping(
     tmp_path: Path, listener: Listener, nursery: trio.Nursery
 ) -> None:
@@ -192,6 +195,7 @@ async def test_the_manager_is_ready_after_telegram_start_up_and_says_stopping(
         assert ["STOPPING=1", "STATUS=shutting down"] in await listener.until("STOPPING=1")
 
 
+@pytest.mark.e2e
 async def test_the_proxy_is_ready_once_connected_with_its_app_server_up(
     tmp_path: Path, listener: Listener, nursery: trio.Nursery
 ) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -50,10 +51,7 @@ from codexnet.config import (
     load_manager_config,
     parse_listen,
 )
-from codexnet.db import StateError
 from codexnet.logs import setup_logging
-from codexnet.manager.hub import Hub
-from codexnet.manager.service import TaskFailed, run_manager, run_once
 from codexnet.manager.setup_wizard import (
     DEFAULT_WAIT_S,
     InitOptions,
@@ -62,7 +60,6 @@ from codexnet.manager.setup_wizard import (
     offer_init,
     run_init,
 )
-from codexnet.manager.telegram import TelegramFatal
 
 PROG: Final = "codexnet-manager"
 log = logging.getLogger("codexnet.manager")
@@ -222,6 +219,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: config error: {finding}", file=sys.stderr)
         return EXIT_CONFIG
 
+    return _start(args, config, listen, server_ssl)
+
+
+def _start(
+    args: argparse.Namespace,
+    config: ManagerConfig,
+    listen: tuple[str, int],
+    server_ssl: ssl.SSLContext | None,
+) -> int:
+    """Run what the arguments ask for, the config having passed every check."""
+    # Imported only now: --help, --version, --check-config and every config
+    # error answer without loading the services (a third of a second).
+    from codexnet.db import StateError
+    from codexnet.manager.hub import Hub
+    from codexnet.manager.service import run_manager
+    from codexnet.manager.telegram import TelegramFatal
+
     host, port = listen
     key = "--ws-listen" if args.ws_listen else "manager_ws_listen"
     if args.dispatch_proxy:
@@ -282,6 +296,9 @@ def _one_shot(
     prompt: str,
     timeout: float,
 ) -> int:
+    from codexnet.manager.hub import Hub
+    from codexnet.manager.service import TaskFailed, run_once
+
     hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
     try:
         result = trio.run(

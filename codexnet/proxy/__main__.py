@@ -31,10 +31,7 @@ from codexnet.cli import (
     run_service,
 )
 from codexnet.config import DEFAULT_PROXY_CONFIG, ConfigError, ConfigMissing, load_proxy_config
-from codexnet.db import StateError
 from codexnet.logs import setup_logging
-from codexnet.proxy.appserver import AppServer
-from codexnet.proxy.service import ProxyRefused, ProxyService
 
 PROG: Final = "codexnet-proxy"
 log = logging.getLogger("codexnet.proxy")
@@ -74,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{config.source}: OK (proxy {config.proxy_id!r} → {config.manager_ws})")
         return EXIT_OK
+
+    # Imported only now: --help, --version, --check-config and every config
+    # error answer without loading the service.
+    from codexnet.db import StateError
+    from codexnet.proxy.appserver import AppServer
+    from codexnet.proxy.service import ProxyRefused, ProxyService
 
     codex_bin = resolve_codex_bin(config.codex_bin)
     assert codex_bin is not None  # check_proxy said so
