@@ -10,6 +10,7 @@ typo silently ignored is a setting silently not applied.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +32,14 @@ T = TypeVar("T")
 
 class ConfigError(Exception):
     """A config file or override is unusable; the message says where and why."""
+
+
+class ConfigMissing(ConfigError):
+    """The config file does not exist (the entry points then say how to create one)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path}: file not found")
+        self.path = path
 
 
 def _mask(value: object) -> str:
@@ -128,20 +137,38 @@ class ProxyConfig:
 # --------------------------------------------------------------------------- reading
 
 
+# json5 words its errors `<string>:3 Unexpected "x" at column 10`.
+_JSON5_ERROR: Final = re.compile(r"^<string>:(\d+) (.*?)(?: at column (\d+))?$", re.DOTALL)
+
+
+def jsonc_error(path: Path | str, exc: ValueError) -> ConfigError:
+    """A json5 parse error as `file: not valid JSONC: line 3, column 10: …`."""
+    match = _JSON5_ERROR.match(str(exc))
+    if match is None:
+        return ConfigError(f"{path}: not valid JSONC: {exc}")
+    line, what, column = match.groups()
+    # json5 quotes the offending character raw; a raw newline would split our one line.
+    what = what.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    where = f"line {line}" + (f", column {column}" if column else "")
+    return ConfigError(f"{path}: not valid JSONC: {where}: {what}")
+
+
 def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
     """Parse a JSONC file into a dict; a missing optional file reads as empty."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if required:
-            raise ConfigError(f"{path}: file not found") from None
+            raise ConfigMissing(path) from None
         return {}
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         data = json5.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{path}: not valid JSONC: {exc}") from None
+        raise jsonc_error(path, exc) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected an object at the top level")
     return data
@@ -270,8 +297,19 @@ def _apply_env(
     return merged
 
 
-def _source_name(path: Path | None, default: str) -> tuple[Path, bool]:
-    return (path, True) if path is not None else (Path(default), False)
+def _source_name(
+    path: Path | None, default: str, env: Mapping[str, str], required: tuple[str, ...]
+) -> tuple[Path, bool]:
+    """The file to read, and whether it must exist.
+
+    A named file must exist. The default file may be missing only when the
+    environment holds every required setting of the role (a container set up
+    by variables alone); otherwise "file not found" beats a misleading
+    "telegram_bot_token: required".
+    """
+    if path is not None:
+        return path, True
+    return Path(default), not all(env.get(key) for key in required)
 
 
 # --------------------------------------------------------------------------- manager
@@ -293,7 +331,7 @@ def load_manager_config(
 ) -> ManagerConfig:
     """Load the manager's config from `path` (or ./codex_config.json) plus environment."""
     env = os.environ if env is None else env
-    file, required = _source_name(path, DEFAULT_MANAGER_CONFIG)
+    file, required = _source_name(path, DEFAULT_MANAGER_CONFIG, env, ("TELEGRAM_BOT_TOKEN",))
     data = _apply_env(read_config_file(file, required=required), env, MANAGER_ENV)
     r = _Reader(str(file), data)
 
@@ -358,6 +396,7 @@ PROXY_ENV: Final = {
     "CODEXNET_PROXY_ID": "proxy_id",
     "CODEXNET_PROXY_TOKEN": "proxy_token",
     "CODEXNET_CODEX_BIN": "codex_bin",
+    "CODEXNET_STATE_DIR": "state_dir",
 }
 
 
@@ -366,7 +405,12 @@ def load_proxy_config(
 ) -> ProxyConfig:
     """Load a proxy's config from `path` (or ./proxy_config.json) plus environment."""
     env = os.environ if env is None else env
-    file, required = _source_name(path, DEFAULT_PROXY_CONFIG)
+    file, required = _source_name(
+        path,
+        DEFAULT_PROXY_CONFIG,
+        env,
+        ("CODEXNET_MANAGER_WS", "CODEXNET_PROXY_ID", "CODEXNET_PROXY_TOKEN"),
+    )
     data = _apply_env(read_config_file(file, required=required), env, PROXY_ENV)
     r = _Reader(str(file), data)
 

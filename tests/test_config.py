@@ -217,3 +217,17 @@ def test_tls_key_without_cert_is_an_error(tmp_path: Path) -> None:
     text = f'{{"telegram_bot_token": "1:x", "manager_tls_key": "{tmp_path}/key.pem"}}'
     with pytest.raises(ConfigError, match="manager_tls_key: given without manager_tls_cert"):
         load_manager_config(write(tmp_path, text), env={})
+
+
+def test_a_missing_default_file_is_not_an_empty_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^codex_config\.json: file not found$"):
+        load_manager_config(env={"MANAGER_WS_LISTEN": "127.0.0.1:1"})
+    with pytest.raises(ConfigError, match=r"^proxy_config\.json: file not found$"):
+        load_proxy_config(env={"CODEXNET_PROXY_ID": "p"})
+    # Every required setting in the environment: a config by variables alone.
+    assert load_manager_config(env={"TELEGRAM_BOT_TOKEN": "1:x"}).telegram_bot_token == "1:x"
+    env = {"CODEXNET_MANAGER_WS": "ws://h:1", "CODEXNET_PROXY_ID": "p", "CODEXNET_PROXY_TOKEN": "t"}
+    assert load_proxy_config(env=env).proxy_id == "p"

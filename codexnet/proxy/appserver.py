@@ -328,6 +328,10 @@ class AppServer:
         except PeerClosed:
             pass  # the child died; its turns fail through _forget_child
 
+    async def wait_ready(self) -> None:
+        """Return once a child has answered `initialize` (sd_notify READY waits for it)."""
+        await self._ready.wait()
+
     # ------------------------------------------------------------------ turns
 
     async def _ready_child(self) -> _Child:

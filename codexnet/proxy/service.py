@@ -127,6 +127,9 @@ class ProxyService:
         self._last_heard = 0.0  # trio time of the last frame or pong from the manager
         self.rtt: float | None = None  # the last heartbeat's round trip, seconds
         self.connected = trio.Event()  # set while a session with the manager is up
+        # Set at the first welcome and never cleared (`connected` is replaced on
+        # every disconnect): sd_notify READY waits for it.
+        self.welcomed = trio.Event()
 
     async def run(self) -> None:
         """Serve until cancelled; raises `ProxyRefused` when the manager refuses us.
@@ -208,6 +211,7 @@ class ProxyService:
         self._last_heard = trio.current_time()
         self._ws = ws
         self.connected.set()
+        self.welcomed.set()
         async with trio.open_nursery() as session:
             session.start_soon(self._heartbeat, ws)
             await self._replay()
