@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = f"{ROOT / '.tools/codex/node_modules/.bin'}{os.pathsep}{os.environ['PATH']}"
 
 from codexnet.manager.render import render_markdown, split_chunk  # noqa: E402
-from codexnet.manager.telegram import CHAT_LIMITED  # noqa: E402
 from tests.fakes.responses_api import long_text  # noqa: E402
 from tests.fakes.stack import USER, Stack, open_stack  # noqa: E402
+from tests.fakes.telegram_api import LIMITED_METHODS  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -81,7 +81,7 @@ async def fifty(stack: Stack, chats: int) -> tuple[float, int, float, int]:
     wall = trio.current_time() - start
     requests = telegram.requests[before:]
     # Telegram's ~30/s is about messages; polls and chat actions are not counted here.
-    times = sorted(r.time for r in requests if r.method in CHAT_LIMITED)
+    times = sorted(r.time for r in requests if r.method in LIMITED_METHODS)
     peak = max(sum(1 for t in times if t0 <= t < t0 + 1) for t0 in times)
     return wall, len(requests), peak, telegram.stats.too_many_requests
 
@@ -92,8 +92,8 @@ async def main(rounds: int, chats: int) -> None:
         async with open_stack(Path(tmp)) as stack:
             users = frozenset(USER + i for i in range(max(chats, 1)))
             async with (
-                stack.manager(telegram_allowed_user_ids=users) as hub,
-                stack.proxy(hub, capacity=chats) as proxy,
+                stack.manager(telegram_allowed_user_ids=users) as manager,
+                stack.proxy(manager, capacity=chats) as proxy,
             ):
                 results = [await one_round(stack, n) for n in range(rounds)]
                 firsts, dones, requests = zip(*results, strict=True)
