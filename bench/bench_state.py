@@ -4,7 +4,7 @@
 
 The real manager runs as its own process, as in production, against the test
 suite's fake Bot API over real HTTP on 127.0.0.1 (in this process), and a proxy
-reduced to the wire protocol (bench/instant_proxy.py, a third process) that
+reduced to the wire protocol (tests/fakes/instant_proxy.py, a third process) that
 answers every task at once — so the figures are the manager's own: polling,
 handling, the state writes, dispatch, delivery. No codex, no model.
 
@@ -32,65 +32,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.fakes.instant_proxy import Arrivals, instant_proxy  # noqa: E402
 from tests.fakes.processes import ManagerProcess, manager_config  # noqa: E402
-from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, free_port  # noqa: E402
+from tests.fakes.stack import BOT_TOKEN, free_port  # noqa: E402
 from tests.fakes.telegram_api import FakeTelegram  # noqa: E402
 
 FIRST_CHAT = 10_000
-INSTANT_PROXY = Path(__file__).resolve().parent / "instant_proxy.py"
-
-
-class Arrivals:
-    """When each task frame reached the proxy (time.monotonic(), by prompt)."""
-
-    def __init__(self) -> None:
-        self.at: dict[str, float] = {}
-        self._changed = trio.Event()
-
-    def add(self, prompt: str, at: float) -> None:
-        self.at.setdefault(prompt, at)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_for(self, prompts: list[str]) -> None:
-        while not all(p in self.at for p in prompts):
-            await self._changed.wait()
-
-
-async def instant_proxy(port: int, version: int, arrived: Arrivals, *, task_status: Any) -> None:
-    """bench/instant_proxy.py in its own process; `arrived[prompt]` = time.monotonic()."""
-    script = INSTANT_PROXY
-    async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, "-u", str(script), str(port), str(version), PROXY_TOKEN],
-                stdout=subprocess.PIPE,
-                check=False,
-            )
-        )
-        buffer = b""
-        started = False
-        async for chunk in process.stdout:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                word, _, rest = line.decode().partition(" ")
-                if word == "ready" and not started:
-                    started = True
-                    task_status.started()
-                elif word == "arrived":
-                    at, _, prompt = rest.partition(" ")
-                    arrived.add(prompt, float(at))
 
 
 def answered(fake: FakeTelegram, chat: int, text: str) -> bool:

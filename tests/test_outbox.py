@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from codexnet.manager.outbox import Outbox, Priority
+from codexnet.manager.outbox import ABANDONED, Outbox, Priority
 from codexnet.manager.telegram import (
     RetryAfter,
     TelegramClient,
@@ -298,3 +298,28 @@ async def test_without_a_probe_a_lost_answer_is_sent_again(
         on_unknown="probe",
     )
     assert fake.count_messages(USER, "the answer") == 2
+
+
+async def test_stop_abandons_the_waiting_answers_and_lets_the_rest_finish(
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
+) -> None:
+    for i in range(3):  # the chat's burst is used up: what follows has to wait
+        await outbox.send("sendMessage", sends(f"filler {i}"), priority=Priority.REPLY)
+    results: list[object] = []
+
+    async def answer(i: int) -> None:
+        results.append(
+            await outbox.send(
+                "sendMessage", sends(f"part {i}"), priority=Priority.ANSWER, abandonable=True
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(answer, i)
+        await trio.sleep(1.5)  # one or two went out meanwhile
+        outbox.stop()  # shutdown
+    sent = [t for t in fake.texts(USER) if t.startswith("part")]
+    assert 1 <= len(sent) < 5
+    assert results.count(ABANDONED) == 5 - len(sent)
+    assert outbox.stats.sent == 3 + len(sent)

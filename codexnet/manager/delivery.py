@@ -21,6 +21,7 @@ import trio
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.liveview import LiveView
+from codexnet.manager.outbox import Abandoned
 from codexnet.manager.render import Chunk
 from codexnet.manager.replies import DOCUMENT_AFTER_PARTS, Replies, answer_parts, plain_parts
 from codexnet.manager.store import ManagerStore, Outcome, TaskRecord
@@ -110,7 +111,10 @@ class Delivery:
                     if resumed and index == first:
                         message_id = await self._already_posted(task, part)
                     if message_id is None:
-                        message_id = await self._replies.send_part(task.chat_id, part, until=until)
+                        sent = await self._replies.send_answer_part(task.chat_id, part, until=until)
+                        if isinstance(sent, Abandoned):
+                            return  # shutting down before it went out: the next start sends it
+                        message_id = sent
                     ok = message_id is not None
                 else:
                     ok = await self._replies.send_document(

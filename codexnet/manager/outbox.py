@@ -66,6 +66,16 @@ CREATES_MESSAGE: Final = frozenset({"sendMessage", "sendDocument"})
 OnUnknown = Literal["probe", "resend", "give_up"]
 
 
+class Abandoned:
+    def __repr__(self) -> str:
+        return "ABANDONED"
+
+
+# What an `abandonable` send returns when the outbox stopped (shutdown) before
+# it went out: nothing was sent, so nothing may be counted as sent.
+ABANDONED: Final = Abandoned()
+
+
 class Priority(IntEnum):
     ANSWER = 0  # answers and failure lines
     APPROVAL = 1  # approval questions and their outcome
@@ -95,8 +105,10 @@ class _Item:
     seq: int
     params: dict[str, Any]
     coalesce: Hashable | None
+    abandonable: bool = False
     go: trio.Event = attrs.Factory(trio.Event)
     withdrawn: bool = False
+    abandoned: bool = False
 
 
 @attrs.define(eq=False)
@@ -148,6 +160,7 @@ class Outbox:
         self._seq = itertools.count()
         self._wake = trio.Event()
         self._last_message_id: dict[int, int] = {}
+        self._stopping = False
         self.stats = OutboxStats()
 
     # ------------------------------------------------------------------ public
@@ -156,6 +169,21 @@ class Outbox:
         """A message id seen in `chat_id` (ours or the person's): probes start after it."""
         if message_id > self._last_message_id.get(chat_id, 0):
             self._last_message_id[chat_id] = message_id
+
+    def stop(self) -> None:
+        """Shutdown: abandonable sends still waiting return `ABANDONED` at once.
+
+        They are the ones that run shielded (an answer part, whose sending and
+        counting go together): waiting for their turn must not hold up the
+        shutdown. Requests already on the wire finish.
+        """
+        self._stopping = True
+        for lane in self._lanes.values():
+            for _, _, item in lane.heap:
+                if item.abandonable and not item.go.is_set() and not item.withdrawn:
+                    item.abandoned = item.withdrawn = True
+                    item.go.set()
+            self._schedule(lane)
 
     def last_message_id(self, chat_id: int) -> int | None:
         """The newest message id seen in `chat_id` in this process, if any."""
@@ -203,13 +231,15 @@ class Outbox:
         on_unknown: OnUnknown = "resend",
         coalesce: Hashable | None = None,
         files: dict[str, tuple[str, bytes, str]] | None = None,
+        abandonable: bool = False,
     ) -> Any:
         """Send `method` to `params["chat_id"]` in its turn; its result.
 
         Without `until` there is one attempt; with it, 429s, 5xx and network
         failures are retried until the trio deadline `until`. A refusal (4xx)
         raises `TelegramError` at once; "message is not modified" is success
-        (None). A coalesced request overtaken by a newer one returns None.
+        (None). A coalesced request overtaken by a newer one returns None. An
+        `abandonable` one returns `ABANDONED` if the outbox stops before it went.
         """
         chat_id = int(params["chat_id"])
         if coalesce is not None:
@@ -221,9 +251,13 @@ class Outbox:
         seq = next(self._seq)  # kept across retries: a retried request keeps its place
         failures = 0
         while True:
+            if abandonable and self._stopping:
+                return ABANDONED
             lane = self._lane(chat_id)
-            item = _Item(int(priority), seq, params, coalesce)
+            item = _Item(int(priority), seq, params, coalesce, abandonable)
             await self._wait_turn(lane, item)
+            if item.abandoned:
+                return ABANDONED
             error: TelegramError | None = None
             found: dict[str, Any] | None = None
             try:
@@ -297,6 +331,8 @@ class Outbox:
         self._schedule(lane)
         try:
             await item.go.wait()
+            if item.abandoned:
+                return  # never given the lane: nothing to release
         except BaseException:
             if item.go.is_set():
                 self._release(lane)  # given the go just as we were cancelled

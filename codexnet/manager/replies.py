@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import trio
 
-from codexnet.manager.outbox import Outbox, Priority
+from codexnet.manager.outbox import Abandoned, Outbox, Priority
 from codexnet.manager.render import Chunk, render_markdown, render_plain_parts, split_chunk
 from codexnet.manager.telegram import TelegramError
 
@@ -57,6 +57,26 @@ class Replies:
         reply_markup: dict[str, Any] | None = None,
     ) -> int | None:
         """Send one message; its id, or None if Telegram refused it for good (logged)."""
+        sent = await self._send(chat_id, part, priority, until, reply_markup, abandonable=False)
+        assert not isinstance(sent, Abandoned)
+        return sent
+
+    async def send_answer_part(
+        self, chat_id: int, part: Chunk, *, until: float | None
+    ) -> int | Abandoned | None:
+        """`send_part` for a part of an answer: `ABANDONED` if shutdown came before it went."""
+        return await self._send(chat_id, part, Priority.ANSWER, until, None, abandonable=True)
+
+    async def _send(
+        self,
+        chat_id: int,
+        part: Chunk,
+        priority: Priority,
+        until: float | None,
+        reply_markup: dict[str, Any] | None,
+        *,
+        abandonable: bool,
+    ) -> int | Abandoned | None:
         params: dict[str, Any] = {
             "chat_id": chat_id,
             "text": part.text,
@@ -66,7 +86,12 @@ class Replies:
             params["entities"] = list(part.entities)
         try:
             message = await self.outbox.send(
-                "sendMessage", params, priority=priority, until=until, on_unknown="probe"
+                "sendMessage",
+                params,
+                priority=priority,
+                until=until,
+                on_unknown="probe",
+                abandonable=abandonable,
             )
         except TelegramError as exc:
             if part.entities and exc.code == 400:
@@ -76,16 +101,16 @@ class Replies:
                     chat_id,
                     exc.description,
                 )
-                return await self.send_part(
-                    chat_id,
-                    Chunk(part.text),
-                    priority=priority,
-                    until=until,
-                    reply_markup=reply_markup,
+                plain = Chunk(part.text)
+                return await self._send(
+                    chat_id, plain, priority, until, reply_markup, abandonable=abandonable
                 )
             log.error("could not send a message to chat %s: %s", chat_id, exc.description)
             return None
-        return message.get("message_id") if isinstance(message, dict) else None
+        if isinstance(message, Abandoned):
+            return message
+        message_id = message.get("message_id") if isinstance(message, dict) else None
+        return message_id if isinstance(message_id, int) else None
 
     async def send_text(
         self,

@@ -130,7 +130,7 @@ async def run_manager(
         bot = Bot(config, tg, outbox, store, replies, conversations, commands)
 
         await nursery.start(outbox.run)
-        nursery.start_soon(_begin_grace_on_shutdown, grace)
+        nursery.start_soon(_begin_grace_on_shutdown, grace, outbox)
         await nursery.start(partial(hub.serve, host, port, ssl_context=config.ssl_context()))
         approvals.resume()
         conversations.start(nursery)
@@ -139,11 +139,16 @@ async def run_manager(
         await bot.poll()
 
 
-async def _begin_grace_on_shutdown(grace: ShutdownGrace) -> None:
-    """On shutdown, give protected steps (an answer part in flight) a bounded time."""
+async def _begin_grace_on_shutdown(grace: ShutdownGrace, outbox: Outbox) -> None:
+    """On shutdown, give protected steps (an answer part in flight) a bounded time.
+
+    Answer parts still waiting for their turn in the outbox are abandoned at
+    once: they stay in the journal and go out after the next start.
+    """
     try:
         await trio.sleep_forever()
     finally:
+        outbox.stop()
         grace.begin()
 
 
