@@ -1,17 +1,18 @@
-"""One SQLite database per service for its durable state, written off the event loop.
+"""One SQLite database per service for its durable state, the disk waited for off the loop.
 
-* WAL mode. A write that would lose an answer if a power cut undid it asks for
-  `durable=True` and its commit runs with `synchronous=FULL` (one fsync of the
-  WAL, ~0.3 ms here, on a worker thread); everything else commits with
-  `synchronous=NORMAL`, which survives a crash of the process (SIGKILL, OOM)
-  but may lose the last commits on a power cut — for those rows that only
-  means a frame is sent again. Such a commit does no disk wait at all.
+* WAL mode, `synchronous=NORMAL`: a commit appends to the WAL and survives a
+  crash of the process (SIGKILL, OOM) at once, without waiting for the disk.
+  What must also survive a power cut is made so by `sync()`: one fsync of the
+  WAL on a worker thread, shared by every commit made before it (~0.3 ms
+  here). A caller decides where it needs that, and usually it is not on the
+  way to the person's answer — e.g. a result is stored, delivered, and only
+  after `sync()` acknowledged to the proxy that keeps it until then.
+  `write(fn, durable=True)` is `write` then `sync`.
 * One writer. `write(fn)` queues `fn(connection)`; the writer service applies
-  every queued function in one transaction and commits it on a worker thread
-  (group commit; see `_run_apply` for why the statements are not on it too),
-  so 200 messages arriving at once cost a few commits, not 200. The caller
-  awaits the commit (`write`) or only queues it (`write_soon`) when losing the
-  row in a crash is harmless. Writes are applied in the order they were queued.
+  every queued function in one transaction (group commit: 200 messages
+  arriving at once cost a few commits, not 200). The caller awaits the commit
+  (`write`) or only queues it (`write_soon`) when losing the row in a crash is
+  harmless. Writes are applied in the order they were queued.
 * Reads happen once, at start-up (`read`), to fill the service's in-memory
   mirror; the running service never waits for a read.
 * Every sqlite3 failure becomes one `StateError` whose message names the file
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -69,7 +71,6 @@ def describe_sqlite_error(path: Path, exc: BaseException) -> str:
 @attrs.define(eq=False)
 class _Pending:
     fn: Write
-    durable: bool
     done: trio.Event | None  # None: nobody waits (write_soon)
     error: StateError | None = None
 
@@ -85,8 +86,8 @@ class Database:
         self, path: Path | str, migrations: Sequence[str], *, inline: bool = False
     ) -> None:
         self.path = Path(path)
-        # inline: commit on the event loop instead of a worker thread. Only for
-        # tests on trio's virtual clock, which would race ahead while a thread works.
+        # inline: fsyncs and checkpoints on the event loop too, no worker thread.
+        # Only for tests on trio's virtual clock, which races ahead while a thread works.
         self._inline = inline
         self._migrations = tuple(migrations)
         self._conn: sqlite3.Connection | None = None
@@ -96,6 +97,12 @@ class Database:
         self._send, self._receive = send, receive
         self._limiter = trio.CapacityLimiter(1)
         self.commits = 0  # transactions committed (for the bench)
+        self.syncs = 0  # fsyncs made for `sync()` (for the bench)
+        self._wal_path: Path | None = None
+        self._wal_fd: int | None = None  # the WAL, open for fsync once it exists
+        # sync(): a commit is power-safe once an fsync that started after it ends.
+        self._synced_upto = 0  # commits covered by the last finished fsync
+        self._sync_running: trio.Event | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -126,6 +133,8 @@ class Database:
             conn.close()
             raise StateError(describe_sqlite_error(self.path, exc)) from None
         self._conn = conn
+        if not memory:
+            self._wal_path = self.path.with_name(self.path.name + "-wal")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -154,14 +163,17 @@ class Database:
         except sqlite3.Error as exc:
             raise StateError(describe_sqlite_error(self.path, exc)) from None
 
-    def write_now(self, fn: Write, *, durable: bool = True) -> None:
+    def write_now(self, fn: Write) -> None:
         """A write at start-up, before the writer service runs (imports, recovery)."""
         try:
-            self._apply([_Pending(fn, durable, None)])
+            self._apply([_Pending(fn, None)])
         except sqlite3.Error as exc:
             raise StateError(describe_sqlite_error(self.path, exc)) from None
 
     def close(self) -> None:
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -174,17 +186,52 @@ class Database:
     # ------------------------------------------------------------------ writing
 
     async def write(self, fn: Write, *, durable: bool = False) -> None:
-        """Queue `fn` and wait until it is committed; raises `StateError`."""
-        pending = _Pending(fn, durable, trio.Event())
+        """Queue `fn` and wait until it is committed; raises `StateError`.
+
+        `durable`: and until it survives a power cut (`sync`).
+        """
+        pending = _Pending(fn, trio.Event())
         self._queue(pending)
         assert pending.done is not None
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
+        if durable:
+            await self.sync()
 
-    def write_soon(self, fn: Write, *, durable: bool = False) -> None:
+    def write_soon(self, fn: Write) -> None:
         """Queue `fn` without waiting; a failure is logged (the row was not essential)."""
-        self._queue(_Pending(fn, durable, None))
+        self._queue(_Pending(fn, None))
+
+    async def sync(self) -> None:
+        """Wait until every commit made so far would survive a power cut.
+
+        One fsync of the WAL on the worker thread serves every caller whose
+        commits it covers: callers arriving while one runs wait for the next.
+        """
+        if self._wal_fd is None:
+            return  # in memory: nothing to sync
+        target = self.commits
+        while self._synced_upto < target:
+            if self._sync_running is not None:
+                await self._sync_running.wait()
+                continue
+            self._sync_running = done = trio.Event()
+            covered = self.commits
+            try:
+                with trio.CancelScope(shield=True):  # an fsync cannot be abandoned half-way
+                    if self._inline:
+                        os.fsync(self._wal_fd)
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        await trio.to_thread.run_sync(os.fsync, self._wal_fd, limiter=self._limiter)
+                self.syncs += 1
+                self._synced_upto = max(self._synced_upto, covered)
+            except OSError as exc:
+                raise StateError(describe_sqlite_error(self.path, exc)) from None
+            finally:
+                self._sync_running = None
+                done.set()
 
     def _queue(self, pending: _Pending) -> None:
         try:
@@ -233,42 +280,21 @@ class Database:
         return batch
 
     async def _run_apply(self, batch: list[_Pending]) -> None:
-        """Apply `batch` in one transaction; only a commit that waits for the disk leaves the loop.
+        """Apply `batch` in one transaction, here on the event loop.
 
-        The statements only touch SQLite's page cache (microseconds each), and
-        so does a `synchronous=NORMAL` commit in WAL mode: it appends to the
-        WAL without an fsync. Those run here, on the event loop. A durable
-        commit fsyncs the WAL, and a checkpoint fsyncs the database: those run
-        on the worker thread. (Running the statements on the thread too would
-        cost a GIL hand-over per statement, which under a busy event loop waits
-        up to the interpreter's switch interval, 5 ms, each: 100 writes took
-        ~150 ms that way.) Auto-checkpoints are off for this reason; `_checkpoint`
-        runs one on the thread every `CHECKPOINT_EVERY` commits.
+        The statements and a `synchronous=NORMAL` commit only touch SQLite's
+        page cache and append to the WAL: no disk wait. The disk waits — the
+        fsync of `sync()`, and a WAL checkpoint every `CHECKPOINT_EVERY`
+        commits (it fsyncs the database) — run on the worker thread. (Running
+        the statements there too would cost a GIL hand-over per statement,
+        which under a busy event loop waits up to the interpreter's 5 ms switch
+        interval each: 100 writes took ~150 ms that way.) Auto-checkpoints are
+        off for this reason.
         """
-        conn = self._connection()
-        durable = any(p.durable for p in batch)
-        if durable:
-            conn.execute("PRAGMA synchronous=FULL")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for pending in batch:
-                    pending.fn(conn)
-                if durable and not self._inline:
-                    # Shielded: a commit cannot be abandoned half-way on the thread.
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(conn.execute, "COMMIT", limiter=self._limiter)
-                else:
-                    conn.execute("COMMIT")
-                    await trio.lowlevel.checkpoint()
-            except BaseException:
-                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            if durable:
-                conn.execute("PRAGMA synchronous=NORMAL")
-        self.commits += 1
+        self._apply(batch)
+        await trio.lowlevel.checkpoint()
+        if self._wal_fd is None and self._wal_path is not None and self._wal_path.exists():
+            self._wal_fd = os.open(self._wal_path, os.O_RDONLY)
         if self.commits % CHECKPOINT_EVERY == 0:
             await self._checkpoint()
 
@@ -303,7 +329,7 @@ class Database:
                 pending.done.set()
 
     def _apply(self, batch: list[_Pending]) -> None:
-        """Apply `batch` in one transaction, synchronously (start-up writes)."""
+        """Apply `batch` in one transaction."""
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:

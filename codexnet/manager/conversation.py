@@ -24,6 +24,7 @@ reported. While its proxy is offline the live view says so.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -115,7 +116,7 @@ class Conversations:
             chat_id,
             topic,
             text,
-            task_id=uuid.uuid4().hex,
+            task_id=self._task_id(update_id),
             timeout_s=self._config.task_timeout_s,
             update_id=update_id,
             message_id=message_id,
@@ -128,11 +129,26 @@ class Conversations:
             self._store.assign(task, proxy_id, self._thread_for(task, proxy_id))
         await self._store.add_task(task)
         if proxy_id is not None:
-            await self._dispatcher.send_task(task)
+            # Sent in the background: the update handler (and with it the next
+            # getUpdates) must not wait for the proxy's socket.
+            assert self.nursery is not None
+            self.nursery.start_soon(self._dispatcher.send_task, task)
         if any(t.state in ("queued", "sent", "acked") for t in waiting):
             self._replies.post(chat_id, "Queued: I'll start on it when the current task finishes.")
         self._wake(key)
         return task
+
+    def _task_id(self, update_id: int | None) -> str:
+        """The task id of a prompt: derived from its Telegram update when it has one.
+
+        Should Telegram deliver the update again — after a crash, or a power cut
+        that took the journal's newest rows — the prompt gets the same id, and
+        a proxy that already took it does not run it twice.
+        """
+        if update_id is None:
+            return uuid.uuid4().hex
+        bot = (self._config.telegram_bot_token or "").partition(":")[0] or "bot"
+        return f"t{bot}u{update_id}"
 
     def _route_now(self, task: TaskRecord) -> str | None:
         conv = self._store.conversation(task.conversation)
@@ -227,57 +243,71 @@ class Conversations:
         return None, route.why
 
     async def _follow(self, task: TaskRecord) -> None:
-        """Show the task live until its outcome is in; enforce its deadlines."""
+        """Show the task live until its outcome is in; enforce its deadlines.
+
+        A quick answer needs no live view and no typing: for its first
+        `SHOW_AFTER_S` the task is watched on its own, and only a task still
+        running then gets its view (and the tasks that keep it fresh).
+        """
         view = self._view(task)
-        proxy_id = task.proxy_id
-        assert proxy_id is not None
+        if task.view_message_id is None:  # (after a restart the view is up already)
+            await self._watch(task, view, until=view.started + SHOW_AFTER_S)
+            if task.state not in ("sent", "acked"):
+                return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(view.run)
             nursery.start_soon(self._keep_typing, task.chat_id)
-            while task.state in ("sent", "acked"):
-                now = trio.current_time()
-                since = task.acked or task.dispatched or task.created
-                hard = wall_to_trio(since) + task.timeout_s + RESULT_GRACE_S
-                offline_at = self._hub.offline_since.get(proxy_id)
-                if proxy_id in self._hub.online:
-                    offline_at = None
-                if now >= hard:
-                    await self._dispatcher.request_cancel(task)
+            await self._watch(task, view, until=math.inf)
+            nursery.cancel_scope.cancel()
+
+    async def _watch(self, task: TaskRecord, view: LiveView, *, until: float) -> None:
+        """Until the task is no longer running (or `until`): deadlines, and what the view shows."""
+        proxy_id = task.proxy_id
+        assert proxy_id is not None
+        while task.state in ("sent", "acked"):
+            now = trio.current_time()
+            if now >= until:
+                return
+            since = task.acked or task.dispatched or task.created
+            hard = wall_to_trio(since) + task.timeout_s + RESULT_GRACE_S
+            offline_at = self._hub.offline_since.get(proxy_id)
+            if proxy_id in self._hub.online:
+                offline_at = None
+            if now >= hard:
+                await self._dispatcher.request_cancel(task)
+                await self._dispatcher.finish(
+                    task,
+                    Outcome(
+                        "timeout",
+                        line=f"⏱ No answer from proxy {proxy_id} within {task.timeout_s:.0f} s.",
+                    ),
+                )
+                return
+            next_check = min(hard, until)
+            step = task.step
+            if offline_at is not None:
+                offline_for = time.time() - offline_at
+                if task.state == "sent" and offline_for >= RECONNECT_GRACE_S:
+                    await self._dispatcher.request_cancel(task)  # in case it got there
                     await self._dispatcher.finish(
                         task,
                         Outcome(
-                            "timeout",
-                            line=f"⏱ No answer from proxy {proxy_id} within "
-                            f"{task.timeout_s:.0f} s.",
+                            "failed",
+                            line=f"⚠️ proxy {proxy_id} went offline before it took the "
+                            "task; please send it again",
                         ),
                     )
-                    break
-                next_check = hard
-                step = task.step
-                if offline_at is not None:
-                    offline_for = time.time() - offline_at
-                    if task.state == "sent" and offline_for >= RECONNECT_GRACE_S:
-                        await self._dispatcher.request_cancel(task)  # in case it got there
-                        await self._dispatcher.finish(
-                            task,
-                            Outcome(
-                                "failed",
-                                line=f"⚠️ proxy {proxy_id} went offline before it took the "
-                                "task; please send it again",
-                            ),
-                        )
-                        break
-                    if task.state == "sent":
-                        next_check = min(next_check, now + RECONNECT_GRACE_S - offline_for)
-                    clock = time.strftime("%H:%M", time.localtime(offline_at))
-                    step = f"⚠️ {proxy_id} is offline since {clock}; waiting for it"
-                view.update(task.text, step)
-                # The dispatcher pokes the task on its events and when its proxy
-                # goes on or offline: one event to wait on, no helper tasks.
-                changed = task.changed
-                with trio.move_on_at(next_check):
-                    await changed.wait()
-            nursery.cancel_scope.cancel()
+                    return
+                if task.state == "sent":
+                    next_check = min(next_check, now + RECONNECT_GRACE_S - offline_for)
+                clock = time.strftime("%H:%M", time.localtime(offline_at))
+                step = f"⚠️ {proxy_id} is offline since {clock}; waiting for it"
+            view.update(task.text, step)
+            # The dispatcher pokes the task on its events and when its proxy
+            # goes on or offline: one event to wait on, no helper tasks.
+            changed = task.changed
+            with trio.move_on_at(next_check):
+                await changed.wait()
 
     def _view(self, task: TaskRecord) -> LiveView:
         view = self._views.get(task.task_id)
@@ -319,10 +349,9 @@ class Conversations:
         )
 
     async def _keep_typing(self, chat_id: int) -> None:
-        # Like the live view, typing starts only once the task has taken a
-        # moment: a quick answer costs no chat action, and a burst of prompts
-        # is dispatched before a burst of "typing" requests competes with it.
-        await trio.sleep(SHOW_AFTER_S)
+        # Started with the live view, once the task has taken a moment: a quick
+        # answer costs no chat action, and a burst of prompts is dispatched
+        # before a burst of "typing" requests competes with it.
         while True:
             await self._outbox.chat_action(chat_id)
             await trio.sleep(TYPING_EVERY_S)

@@ -215,7 +215,13 @@ class Dispatcher:
                 log.error("%s; dropping proxy %r so it sends the result again", exc, conn.proxy_id)
                 conn.scope.cancel()
                 return
-        # Stored (or stored before): now, and only now, the proxy may forget it.
+        # Committed, and the answer is on its way to the chat; once it would also
+        # survive a power cut, and only then, the proxy may forget it.
+        try:
+            await self._store.db.sync()
+        except StateError as exc:
+            log.error("%s; the result of task %s is not acknowledged yet", exc, task.task_id)
+            return
         await conn.send(ResultAck(task.task_id))
 
     @staticmethod

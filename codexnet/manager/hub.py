@@ -43,7 +43,6 @@ from codexnet.protocol import (
     CLOSE_BAD_FRAME,
     CLOSE_HELLO_TIMEOUT,
     CLOSE_PROTOCOL_VERSION,
-    CLOSE_REPLACED,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_PROXY,
     MAX_FRAME_BYTES,
@@ -208,9 +207,9 @@ class Hub:
         old = self.online.get(hello.proxy_id)
         if old is not None:
             log.warning("proxy %r connected again; dropping its older connection", hello.proxy_id)
+            # Not awaited: an old link that went silent would hold the new one up
+            # for the whole close timeout. Its own handler closes it, bounded.
             old.scope.cancel()
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await old.ws.aclose(CLOSE_REPLACED, "replaced by a newer connection")
         conn = ProxyConn(
             hello.proxy_id,
             ws,

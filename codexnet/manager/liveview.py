@@ -82,7 +82,7 @@ class LiveView:
         self._on_draft_refused = on_draft_refused
         self._grace = grace if grace is not None else ShutdownGrace(0)
         self._draft_id = random.randint(1, 2**31 - 1)
-        self._started = trio.current_time() if started is None else started
+        self.started = trio.current_time() if started is None else started
         self._changed = trio.Event()
         self.text = ""
         self.step = "starting"
@@ -100,7 +100,7 @@ class LiveView:
         self._changed.set()
 
     def render(self) -> str:
-        elapsed = (trio.current_time() - self._started) // ELAPSED_STEP_S * ELAPSED_STEP_S
+        elapsed = (trio.current_time() - self.started) // ELAPSED_STEP_S * ELAPSED_STEP_S
         header = f"⏳ {self.proxy_id} · {format_elapsed(max(0, elapsed))} · {self.step}"
         body = self.text.strip()
         if len(body) > TAIL_CHARS:
@@ -112,7 +112,7 @@ class LiveView:
     async def run(self) -> None:
         """After `SHOW_AFTER_S`, send the status message; keep the view fresh until cancelled."""
         if self.status_message_id is None:
-            await trio.sleep_until(self._started + SHOW_AFTER_S)
+            await trio.sleep_until(self.started + SHOW_AFTER_S)
             await self._send_status("⏳ Working on it…" if self.use_draft else self.render())
         next_allowed = trio.current_time() + self.interval
         last_draft = -DRAFT_KEEPALIVE_S
@@ -219,7 +219,7 @@ class LiveView:
 
     async def finish(self, line: str, *, until: float) -> None:
         """The task ended: the status message becomes one line, without the button."""
-        elapsed = format_elapsed(max(0.0, trio.current_time() - self._started))
+        elapsed = format_elapsed(max(0.0, trio.current_time() - self.started))
         text = f"{line} · {self.proxy_id} · {elapsed}"
         if self.status_message_id is not None:  # a quick task never showed a view
             await self._edit(text, NO_KEYBOARD, until=until)

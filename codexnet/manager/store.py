@@ -247,7 +247,7 @@ class ManagerStore:
                 (cutoff,),
             )
 
-        self.db.write_now(prune, durable=False)
+        self.db.write_now(prune)
         self.db.read(self._load)
 
     def _load(self, conn: sqlite3.Connection) -> None:
@@ -475,7 +475,10 @@ class ManagerStore:
             )
 
         try:
-            await self.db.write(fn, durable=True)
+            # Not `durable`: the bot syncs once per batch of updates, before the
+            # next getUpdates confirms them to Telegram (`Bot.poll`). Until then a
+            # power cut only means the update comes again, with the same task id.
+            await self.db.write(fn)
         except BaseException:
             self._forget(task)
             if task.update_id is not None:
@@ -484,7 +487,7 @@ class ManagerStore:
         task.persisted.set()
 
     async def mark_dispatched(self, task: TaskRecord, proxy_id: str, thread_id: str | None) -> None:
-        """Durable before the task frame is sent: the task belongs to `proxy_id` from now on."""
+        """Committed before the task frame is sent: the task belongs to `proxy_id` from now on."""
         task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
         task.dispatched = time.time()
         values = (proxy_id, thread_id, task.dispatched, task.task_id)
@@ -493,8 +496,7 @@ class ManagerStore:
                 "UPDATE tasks SET state = 'sent', proxy_id = ?, thread_id = ?, dispatched = ?"
                 " WHERE task_id = ?",
                 values,
-            ),
-            durable=True,
+            )
         )
 
     def mark_acked(self, task: TaskRecord) -> None:
@@ -524,7 +526,8 @@ class ManagerStore:
         )
 
     async def mark_finished(self, task: TaskRecord, outcome: Outcome) -> None:
-        """The result is durable (then, and only then, the proxy may forget it).
+        """The result is committed (the answer can go out; after `db.sync()` the proxy
+        may forget it).
 
         In the same transaction the conversation remembers the thread the task
         ran on, and sticks to its proxy.
@@ -547,7 +550,7 @@ class ManagerStore:
             if outcome.thread_id:
                 _write_conversation(c, key, proxy, reset, threads)
 
-        await self.db.write(fn, durable=True)
+        await self.db.write(fn)
 
     async def mark_parts_sent(
         self, task: TaskRecord, parts: int, anchor: int | None = None

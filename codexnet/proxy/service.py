@@ -91,6 +91,7 @@ class _Running:
     cancel: trio.Event = attrs.Factory(trio.Event)
     changed: trio.Event = attrs.Factory(trio.Event)
     slot: trio.Event = attrs.Factory(trio.Event)  # set when it may run (capacity)
+    started_stored: bool = False  # the store says started (written at accept)
     turn: Turn | None = None
     seq: int = 0
     sent_text: str = ""
@@ -314,14 +315,23 @@ class ProxyService:
             await self._send(TaskAck(task_id))  # a repeat: never run twice
             return
         accepted = time.time()
+        # A free slot is taken now, and the task stored as started along with
+        # being accepted: one write that survives a power cut, not two, before
+        # the turn starts.
+        start_now = self._busy < self._config.capacity and not self._waiting
+        if start_now:
+            self._busy += 1
         # Stored before it is acknowledged: once the manager hears task_ack it
         # never sends the task again, so a crash here must not forget it.
         try:
-            await self._store.accept(task, accepted)
+            await self._store.accept(task, accepted, started=start_now)
         except StateError as exc:
+            if start_now:
+                self._busy -= 1
+                self._grant()
             log.error("%s; task %s not taken (the manager will send it again)", exc, task_id)
             return
-        self._start_runner(task, accepted, tasks)
+        self._start_runner(task, accepted, tasks, holding_slot=start_now)
         await self._send(TaskAck(task_id))
         log.info(
             "task %s: accepted (chat %s, thread %s)",
@@ -330,9 +340,14 @@ class ProxyService:
             task.thread_id or "new",
         )
 
-    def _start_runner(self, task: Task, accepted: float, tasks: trio.Nursery) -> None:
+    def _start_runner(
+        self, task: Task, accepted: float, tasks: trio.Nursery, *, holding_slot: bool = False
+    ) -> None:
         elapsed = max(0.0, time.time() - accepted)
         running = _Running(task, deadline=trio.current_time() + task.timeout_s - elapsed)
+        if holding_slot:  # the slot was taken, and the start stored, at accept
+            running.slot.set()
+            running.started_stored = True
         self._running[task.task_id] = running
         tasks.start_soon(self._run_task, running)
 
@@ -363,7 +378,7 @@ class ProxyService:
     async def _run_within_capacity(self, running: _Running) -> TaskResult:
         task = running.task
         with trio.move_on_at(running.deadline) as deadline:
-            if self._busy >= self._config.capacity:
+            if not running.slot.is_set() and self._busy >= self._config.capacity:
                 step = f"queued: all {self._config.capacity} slots of this machine are busy"
                 await self._send(TaskEvent(task.task_id, running.next_seq(), "progress", step))
             if not await self._acquire_or_cancel(running):
@@ -373,7 +388,8 @@ class ProxyService:
                 # Marked before the turn starts: after a crash from here on, the
                 # model may have seen the prompt, so it is never run again.
                 try:
-                    await self._store.started(task.task_id)
+                    if not running.started_stored:
+                        await self._store.started(task.task_id)
                 except StateError as exc:
                     return TaskResult(
                         task.task_id,
@@ -404,6 +420,11 @@ class ProxyService:
 
     async def _acquire_or_cancel(self, running: _Running) -> bool:
         """Take a capacity slot in turn; False if the task is cancelled while it waits."""
+        if running.slot.is_set():  # taken at accept
+            if running.cancel.is_set():
+                self._leave(running)
+                return False
+            return True
         if running.cancel.is_set():
             return False
         self._waiting.append(running)

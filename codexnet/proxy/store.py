@@ -11,6 +11,8 @@ This is what lets the proxy keep its two promises across a crash or restart:
   `TOMBSTONE_DAYS` so even a late duplicate is recognised.
 * **a result is never lost.** It is stored (`finish`) before it is sent and
   kept until the manager's `result_ack`, then replayed after every reconnect.
+  (Stored means committed: a crash of the proxy keeps it. A power cut right
+  after may take it, and then the task is reported as cut short.)
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class ProxyStore:
         def prune(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM tasks WHERE state = 'acked' AND updated < ?", (cutoff,))
 
-        self.db.write_now(prune, durable=False)
+        self.db.write_now(prune)
         self.tombstones = set(
             self.db.read(
                 lambda conn: [
@@ -109,12 +111,16 @@ class ProxyStore:
             recovered.append(StoredTask(task, state, float(accepted), stored_result))
         return recovered
 
-    async def accept(self, task: Task, accepted: float) -> None:
+    async def accept(self, task: Task, accepted: float, *, started: bool = False) -> None:
+        """Store a task before it is acknowledged (power-safe); `started` if its turn
+        begins right away (it then never runs again after a crash)."""
+        state = "started" if started else "accepted"
+
         def fn(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT OR IGNORE INTO tasks (task_id, frame, state, accepted, updated) "
-                "VALUES (?, ?, 'accepted', ?, ?)",
-                (task.task_id, encode(task), accepted, time.time()),
+                "VALUES (?, ?, ?, ?, ?)",
+                (task.task_id, encode(task), state, accepted, time.time()),
             )
 
         await self.db.write(fn, durable=True)
@@ -129,7 +135,9 @@ class ProxyStore:
         await self.db.write(fn, durable=True)
 
     async def finish(self, result: TaskResult) -> None:
-        await self.db.write(self._finish_fn(result), durable=True)
+        # Committed (a crash of the proxy keeps it), not synced: if a power cut
+        # took it, the task is reported as cut short by the restart instead.
+        await self.db.write(self._finish_fn(result))
 
     @staticmethod
     def _finish_fn(result: TaskResult) -> Callable[[sqlite3.Connection], None]:

@@ -5,7 +5,7 @@ version, arrivals)` runs this file as its own process (its work must not slow
 the process that measures) and records in `arrivals` when each task frame
 reached it. As a script:
 
-    python tests/fakes/instant_proxy.py PORT PROTOCOL_VERSION TOKEN
+    python tests/fakes/instant_proxy.py PORT PROTOCOL_VERSION TOKEN [ANSWER_AFTER_S]
 
 prints `ready` once registered, then `arrived <time.monotonic()> <prompt>` for
 every task frame (CLOCK_MONOTONIC is the same clock in every process).
@@ -33,18 +33,18 @@ from tests.fakes.stack import PROXY_TOKEN
 main_scope = trio.CancelScope()
 
 
-async def main(port: int, version: int, token: str) -> None:
+async def main(port: int, version: int, token: str, delay: float) -> None:
     main_scope.deadline = trio.current_time() + 30
     with main_scope:
         while True:  # the manager may still be opening its state
             try:
-                await serve(port, version, token)
+                await serve(port, version, token, delay)
                 return
             except OSError:
                 await trio.sleep(0.05)
 
 
-async def serve(port: int, version: int, token: str) -> None:
+async def serve(port: int, version: int, token: str, delay: float) -> None:
     async with connect_websocket(f"ws://127.0.0.1:{port}") as ws, trio.open_nursery() as nursery:
         hello = protocol.Hello(proxy_id="proxy1", token=token, protocol=version, capacity=999)
         await ws.send_message(protocol.encode(hello))
@@ -55,6 +55,13 @@ async def serve(port: int, version: int, token: str) -> None:
             async for raw in receive:
                 await ws.send_message(raw)
 
+        async def answer_later(task: protocol.Task) -> None:
+            await trio.sleep(delay)
+            result = protocol.TaskResult(
+                task.task_id, "completed", text=f"Echo: {task.prompt}", thread_id="t"
+            )
+            send.send_nowait(protocol.encode(result))
+
         nursery.start_soon(answer)
         print("ready", flush=True)
         main_scope.deadline = math.inf  # connected: no deadline any more
@@ -63,10 +70,7 @@ async def serve(port: int, version: int, token: str) -> None:
             if isinstance(frame, protocol.Task):
                 print(f"arrived {time.monotonic()} {frame.prompt}", flush=True)
                 send.send_nowait(protocol.encode(protocol.TaskAck(frame.task_id)))
-                result = protocol.TaskResult(
-                    frame.task_id, "completed", text=f"Echo: {frame.prompt}", thread_id="t"
-                )
-                send.send_nowait(protocol.encode(result))
+                nursery.start_soon(answer_later, frame)
 
 
 class Arrivals:
@@ -86,14 +90,32 @@ class Arrivals:
             await self._changed.wait()
 
 
-async def instant_proxy(port: int, version: int, arrived: Arrivals, *, task_status: Any) -> None:
-    """tests/fakes/instant_proxy.py in its own process; `arrived.at[prompt]` = time.monotonic()."""
+async def instant_proxy(
+    port: int,
+    version: int,
+    arrived: Arrivals,
+    *,
+    answer_after: float = 0.0,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """tests/fakes/instant_proxy.py in its own process; `arrived.at[prompt]` = time.monotonic().
+
+    `answer_after`: seconds from a task's arrival to its result (0: at once).
+    """
     script = Path(__file__)
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
             partial(
                 trio.run_process,
-                [sys.executable, "-u", str(script), str(port), str(version), PROXY_TOKEN],
+                [
+                    sys.executable,
+                    "-u",
+                    str(script),
+                    str(port),
+                    str(version),
+                    PROXY_TOKEN,
+                    str(answer_after),
+                ],
                 stdout=subprocess.PIPE,
                 check=False,
             )
@@ -115,7 +137,8 @@ async def instant_proxy(port: int, version: int, arrived: Arrivals, *, task_stat
 
 if __name__ == "__main__":
     try:
-        trio.run(main, int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+        delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+        trio.run(main, int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], delay)
     except BaseExceptionGroup as group:  # the manager went away: that is how it ends
         if group.subgroup(ConnectionClosed) is None:
             raise

@@ -32,16 +32,24 @@ class Link:
     hello: Hello
     closed: trio.Event = attrs.Factory(trio.Event)
     received: list[ProxyFrame] = attrs.Factory(list)
+    _unclaimed: list[ProxyFrame] = attrs.Factory(list)  # read, not yet returned by expect
 
     async def send(self, frame: ManagerFrame) -> None:
         await self.ws.send_message(encode(frame))
 
     async def expect(self, kind: type[Any], where: Callable[[Any], bool] = lambda f: True) -> Any:
+        """The first frame of `kind` matching `where` not returned yet, in arrival order
+        (frames read past while looking for another one are kept for later)."""
+        for frame in self._unclaimed:
+            if isinstance(frame, kind) and where(frame):
+                self._unclaimed.remove(frame)
+                return frame
         while True:
             frame = decode_proxy_frame(await self.ws.get_message())
             self.received.append(frame)
             if isinstance(frame, kind) and where(frame):
                 return frame
+            self._unclaimed.append(frame)
 
     async def drop(self) -> None:
         """Close the link (the proxy reconnects)."""

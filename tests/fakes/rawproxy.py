@@ -31,6 +31,7 @@ from codexnet.wsclient import connect_websocket
 class RawProxy:
     ws: WebSocketConnection
     received: list[ManagerFrame] = attrs.Factory(list)
+    _unclaimed: list[ManagerFrame] = attrs.Factory(list)  # read, not yet returned by expect
 
     async def send(self, frame: ProxyFrame) -> None:
         await self.ws.send_message(encode(frame))
@@ -38,12 +39,18 @@ class RawProxy:
     async def expect(
         self, kind: type[Any], where: Callable[[Any], bool] = lambda frame: True
     ) -> Any:
-        """The next frame of `kind` matching `where` (others are kept in `received`)."""
+        """The first frame of `kind` matching `where` not returned yet, in arrival order
+        (frames read past while looking for another one are kept for later)."""
+        for frame in self._unclaimed:
+            if isinstance(frame, kind) and where(frame):
+                self._unclaimed.remove(frame)
+                return frame
         while True:
             frame = decode_manager_frame(await self.ws.get_message())
             self.received.append(frame)
             if isinstance(frame, kind) and where(frame):
                 return frame
+            self._unclaimed.append(frame)
 
     async def nothing_for(self, seconds: float) -> list[ManagerFrame]:
         """Frames that arrive within `seconds` (to assert that something is not sent)."""
