@@ -61,6 +61,7 @@ GLOBAL_RATE: Final = 25.0
 GLOBAL_BURST: Final = 5.0
 RETRY_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 PROBE_SPAN: Final = 5  # message ids checked after the last known one
+JITTER_RESERVE_S: Final = 0.1  # network jitter a chat's budget absorbs (see _Bucket.reserve)
 CREATES_MESSAGE: Final = frozenset({"sendMessage", "sendDocument"})
 
 OnUnknown = Literal["probe", "resend", "give_up"]
@@ -89,11 +90,16 @@ class _Bucket:
     burst: float
     tokens: float
     stamp: float
+    # Tokens kept in reserve: Telegram counts a request when it arrives, we when
+    # we send it, and the network's jitter moves one against the other. Without
+    # a reserve, a chat sending at the edge of its budget gets the odd 429.
+    reserve: float = 0.0
 
     def ready_at(self, now: float) -> float:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        return now if self.tokens >= 1 else now + (1 - self.tokens) / self.rate
+        need = 1 + self.reserve
+        return now if self.tokens >= need else now + (need - self.tokens) / self.rate
 
     def take(self) -> None:
         self.tokens -= 1
@@ -320,7 +326,10 @@ class Outbox:
         if lane is None:
             rate = self._private_rate if chat_id > 0 else self._group_rate
             now = trio.current_time()
-            lane = _Lane(chat_id, _Bucket(rate, self._chat_burst, self._chat_burst, now))
+            bucket = _Bucket(
+                rate, self._chat_burst, self._chat_burst, now, reserve=JITTER_RESERVE_S * rate
+            )
+            lane = _Lane(chat_id, bucket)
             self._lanes[chat_id] = lane
         return lane
 
