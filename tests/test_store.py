@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -133,16 +136,44 @@ def test_a_corrupt_database_is_one_clear_line(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only directory")
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make `directory` unwritable, for root too (the immutable flag; chmod for others)."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None:
+            pytest.skip("root without chattr: cannot make a directory read-only")
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+    else:
+        directory.chmod(0o500)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
+
+
 def test_a_read_only_state_dir_is_one_clear_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    state.chmod(0o500)
-    try:
-        with pytest.raises(StateError, match=r"codexnet\.db"):
-            ManagerStore(state).open()
-    finally:
-        state.chmod(0o700)
+    with read_only(state), pytest.raises(StateError) as info:
+        ManagerStore(state).open()
+    message = str(info.value)
+    assert message.startswith(str(state / "codexnet.db"))
+    assert "\n" not in message
+
+
+async def test_a_state_dir_turned_read_only_loses_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with open_store(state) as store:
+        store.conversation((7, 0)).proxy = "p"
+        await store.save_conversation((7, 0))
+    with read_only(state), pytest.raises(StateError, match=r"codexnet\.db"):
+        ManagerStore(state).open()
+    async with open_store(state) as store:  # writable again: all there
+        assert store.conversation((7, 0)).proxy == "p"
 
 
 async def test_a_full_disk_fails_the_write_not_the_service(tmp_path: Path) -> None:

@@ -122,7 +122,7 @@ class Conversations:
             message_id=message_id,
         )
         # The common case — nothing else open here, its machine online — is
-        # journalled as dispatched in the same commit: one fsync, not two,
+        # journalled as dispatched in the same commit: one commit, not two,
         # before the task is on its way.
         proxy_id = self._route_now(task) if not waiting else None
         if proxy_id is not None:

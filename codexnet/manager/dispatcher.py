@@ -139,7 +139,9 @@ class Dispatcher:
                     ),
                 )
         for task in mine:  # cancels after the tasks they refer to
-            if task.state in ("sent", "acked") and task.cancel == "requested":
+            # Also for a task already ended here (withdrawn while its proxy was
+            # away): if it reached the proxy after all, it must not run on.
+            if task.cancel == "requested":
                 await conn.send(TaskCancel(task.task_id))
         for approval in list(self._store.approvals.values()):
             owner_task = self._store.tasks.get(approval.task_id)

@@ -15,7 +15,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from functools import partial
 from typing import Final
 
@@ -69,15 +69,8 @@ async def open_store(
     `inline_writes` commits on the event loop (tests on trio's virtual clock).
     """
     store = ManagerStore(str(state_dir), inline_writes=inline_writes)
-    if str(state_dir) == ":memory:":
-        store.open()
-        try:
-            async with store.db.serving():
-                yield store
-        finally:
-            store.db.close()
-        return
-    with hold_state_lock(store.state_dir, "manager"):
+    memory = str(state_dir) == ":memory:"
+    with nullcontext() if memory else hold_state_lock(store.state_dir, "manager"):
         store.open()
         try:
             async with store.db.serving():
