@@ -59,6 +59,8 @@ GROUP_RATE: Final = 20 / 60
 CHAT_BURST: Final = 3.0
 GLOBAL_RATE: Final = 25.0
 GLOBAL_BURST: Final = 5.0
+# Chat actions in flight at once (the rest wait their turn; see chat_action).
+ACTION_SLOTS: Final = 8
 RETRY_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 PROBE_SPAN: Final = 5  # message ids checked after the last known one
 JITTER_RESERVE_S: Final = 0.1  # network jitter a chat's budget absorbs (see _Bucket.reserve)
@@ -167,6 +169,10 @@ class Outbox:
         self._wake = trio.Event()
         self._last_message_id: dict[int, int] = {}
         self._stopping = False
+        # Chat actions are cosmetic: at most this many in flight, so a burst of
+        # "typing" for hundreds of chats never takes the HTTP connections the
+        # answers need.
+        self._action_slots = trio.CapacityLimiter(ACTION_SLOTS)
         self.stats = OutboxStats()
 
     # ------------------------------------------------------------------ public
@@ -217,11 +223,12 @@ class Outbox:
         return lane.paused_until if lane else 0.0
 
     async def chat_action(self, chat_id: int, action: str = "typing") -> None:
-        """A chat action, best effort: never waits, never spends the message budget."""
+        """A chat action, best effort: never spends the message budget; waits for an action slot."""
         if self.paused_until(chat_id) > trio.current_time():
             return
         try:
-            await self.client.request("sendChatAction", {"chat_id": chat_id, "action": action})
+            async with self._action_slots:
+                await self.client.request("sendChatAction", {"chat_id": chat_id, "action": action})
         except RetryAfter as exc:
             self._lane(chat_id).paused_until = trio.current_time() + exc.retry_after
         except TelegramError as exc:  # typing is cosmetic

@@ -79,6 +79,11 @@ async def open_store(
             store.db.close()
 
 
+# Connections to the Bot API kept open between bursts: httpx keeps 20 by
+# default, so every burst past that paid new TCP+TLS handshakes to Telegram.
+HTTP_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+
+
 async def run_manager(
     config: ManagerConfig,
     *,
@@ -94,7 +99,7 @@ async def run_manager(
     host, port = config.manager_ws_listen
     async with (
         open_store(config.state_dir) as store,
-        httpx.AsyncClient(transport=transport) as http,
+        httpx.AsyncClient(transport=transport, limits=HTTP_LIMITS) as http,
         trio.open_nursery() as nursery,
     ):
         hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
