@@ -27,7 +27,7 @@ import trio
 from codexnet.backoff import backoff
 from codexnet.config import ManagerConfig
 from codexnet.db import StateError
-from codexnet.manager.commands import ChatCommands, Context
+from codexnet.manager.commands import ChatCommands, Context, topic_of
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
@@ -222,26 +222,27 @@ class Bot:
         chat_id = message["chat"]["id"]
         user = message.get("from")
         text = message.get("text")
+        topic = topic_of(message)  # each forum topic is a conversation of its own
         if isinstance(message.get("message_id"), int):
             self._outbox.note_message_id(chat_id, message["message_id"])
         if not self.allowed(user):
-            self._refuse(chat_id, user)
+            self._refuse(chat_id, topic, user)
             return
         assert user is not None
         if not isinstance(text, str) or not text.strip():
-            self._replies.post(chat_id, "I can only read text messages for now.")
+            self._replies.post(chat_id, "I can only read text messages for now.", topic=topic)
             return
-        ctx = Context(chat_id, 0, user)
+        ctx = Context(chat_id, topic, user)
         if text.startswith("/"):
             await self._on_command(ctx, text)
         elif update_id in self._store.updates:
             log.info("update %s was journalled before a restart; not run again", update_id)
         else:
             await self._conversations.submit(
-                chat_id, 0, text, update_id=update_id, message_id=message.get("message_id")
+                chat_id, topic, text, update_id=update_id, message_id=message.get("message_id")
             )
 
-    def _refuse(self, chat_id: int, user: dict[str, Any] | None) -> None:
+    def _refuse(self, chat_id: int, topic: int, user: dict[str, Any] | None) -> None:
         user_id = user.get("id") if user else None
         log.warning(
             "refused a message from user %s in chat %s (not in telegram_allowed_user_ids)",
@@ -253,7 +254,9 @@ class Bot:
             return  # told recently: a stranger cannot make the bot spend its send quota
         self._refused[chat_id] = now
         self._replies.post(
-            chat_id, f"Sorry, you are not allowed to use this bot (your user id: {user_id})."
+            chat_id,
+            f"Sorry, you are not allowed to use this bot (your user id: {user_id}).",
+            topic=topic,
         )
 
     async def _on_callback(self, query: dict[str, Any]) -> None:
@@ -271,7 +274,7 @@ class Bot:
             return  # addressed to another bot in a group
         command = self._commands.find(name)
         if command is None:
-            self._replies.post(ctx.chat_id, f"Unknown command /{name}. Try /help.")
+            self._replies.post(ctx.chat_id, f"Unknown command /{name}. Try /help.", topic=ctx.topic)
             return
         await command.handler(ctx, rest.strip())
 

@@ -45,6 +45,19 @@ class Context:
 Handler = Callable[[Context, str], Awaitable[None]]
 
 
+def topic_of(message: dict[str, Any]) -> int:
+    """The forum topic a message is in (its `message_thread_id`); 0 outside topics.
+
+    In a forum supergroup (or a private chat with topics) `is_topic_message`
+    marks a message in a topic; the General topic and plain chats are 0. A
+    `message_thread_id` without it is a reply thread, not a topic.
+    """
+    thread_id = message.get("message_thread_id")
+    if message.get("is_topic_message") and isinstance(thread_id, int):
+        return thread_id
+    return 0
+
+
 @attrs.frozen
 class Command:
     name: str
@@ -101,8 +114,12 @@ class ChatCommands:
 
     # ------------------------------------------------------------------ commands
 
+    def reply(self, ctx: Context, text: str, *, reply_markup: dict[str, Any] | None = None) -> None:
+        """A reply in the background, into the conversation's chat and topic."""
+        self._replies.post(ctx.chat_id, text, topic=ctx.topic, reply_markup=reply_markup)
+
     async def help(self, ctx: Context, argument: str) -> None:
-        self._replies.post(ctx.chat_id, self.help_text())
+        self.reply(ctx, self.help_text())
 
     async def use(self, ctx: Context, proxy_id: str) -> None:
         known = self._hub.known()
@@ -117,31 +134,27 @@ class ChatCommands:
                 if buttons
                 else f"No proxy is online. Known: {', '.join(known) or 'none'}."
             )
-            self._replies.post(
-                ctx.chat_id, text, reply_markup={"inline_keyboard": buttons} if buttons else None
-            )
+            self.reply(ctx, text, reply_markup={"inline_keyboard": buttons} if buttons else None)
             return
         if proxy_id not in known:
-            self._replies.post(
-                ctx.chat_id, f"Unknown proxy {proxy_id!r}. Known: {', '.join(known) or 'none'}."
-            )
+            self.reply(ctx, f"Unknown proxy {proxy_id!r}. Known: {', '.join(known) or 'none'}.")
             return
         self._store.conversation(ctx.key).proxy = proxy_id
         await self._store.save_conversation(ctx.key)
         state = "online" if proxy_id in self._hub.online else "offline right now"
-        self._replies.post(ctx.chat_id, f"This chat now uses {proxy_id} ({state}).")
+        self.reply(ctx, f"This chat now uses {proxy_id} ({state}).")
 
     async def reset(self, ctx: Context, argument: str) -> None:
         conv = self._store.conversation(ctx.key)
         conv.reset = True
         conv.threads.clear()
         await self._store.save_conversation(ctx.key)
-        self._replies.post(ctx.chat_id, "OK: your next message starts a new conversation.")
+        self.reply(ctx, "OK: your next message starts a new conversation.")
 
     async def cancel(self, ctx: Context, argument: str) -> None:
         task = self._conversations.current(ctx.key)
         if task is None:
-            self._replies.post(ctx.chat_id, "Nothing is running in this chat.")
+            self.reply(ctx, "Nothing is running in this chat.")
             return
         await self._conversations.cancel(task)
 
@@ -168,9 +181,14 @@ class ChatCommands:
             lines.append(f"\nThis chat uses {route.proxy_id} ({route.why}).")
         else:
             lines.append(f"\n{route.why}")
-        self._replies.post(ctx.chat_id, "\n".join(lines) or "No proxies configured.")
+        self.reply(ctx, "\n".join(lines) or "No proxies configured.")
 
     # ------------------------------------------------------------------ buttons
+
+    @staticmethod
+    def _button_context(query: dict[str, Any], chat_id: int) -> Context:
+        """The conversation a button press is in: the chat and topic of its message."""
+        return Context(chat_id, topic_of(query.get("message") or {}), query.get("from") or {})
 
     async def on_callback(self, query: dict[str, Any]) -> None:
         """A button press from an allowed user."""
@@ -191,6 +209,6 @@ class ChatCommands:
             return
         if kind == "u" and isinstance(chat_id, int):
             self._replies.toast(query, f"Using {rest}")
-            await self.use(Context(chat_id, 0, query.get("from") or {}), rest)
+            await self.use(self._button_context(query, chat_id), rest)
             return
         self._replies.toast(query, "This button is no longer valid.")

@@ -109,7 +109,9 @@ class Conversations:
         waiting = self._store.open_tasks(key)
         if len(waiting) > MAX_WAITING_PER_CHAT:
             self._replies.post(
-                chat_id, "Too many messages are waiting already; this one was not queued."
+                chat_id,
+                "Too many messages are waiting already; this one was not queued.",
+                topic=topic,
             )
             return None
         task = self._store.new_task(
@@ -134,7 +136,9 @@ class Conversations:
             assert self.nursery is not None
             self.nursery.start_soon(self._dispatcher.send_task, task)
         if any(t.state in ("queued", "sent", "acked") for t in waiting):
-            self._replies.post(chat_id, "Queued: I'll start on it when the current task finishes.")
+            self._replies.post(
+                chat_id, "Queued: I'll start on it when the current task finishes.", topic=topic
+            )
         self._wake(key)
         return task
 
@@ -256,7 +260,7 @@ class Conversations:
                 return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(view.run)
-            nursery.start_soon(self._keep_typing, task.chat_id)
+            nursery.start_soon(self._keep_typing, task.chat_id, task.topic)
             await self._watch(task, view, until=math.inf)
             nursery.cancel_scope.cancel()
 
@@ -346,14 +350,15 @@ class Conversations:
             on_message=on_message,
             on_draft_refused=lambda: self._no_drafts.add(task.chat_id),
             grace=self._grace,
+            topic=task.topic,
         )
 
-    async def _keep_typing(self, chat_id: int) -> None:
+    async def _keep_typing(self, chat_id: int, topic: int) -> None:
         # Started with the live view, once the task has taken a moment: a quick
         # answer costs no chat action, and a burst of prompts is dispatched
         # before a burst of "typing" requests competes with it.
         while True:
-            await self._outbox.chat_action(chat_id)
+            await self._outbox.chat_action(chat_id, topic=topic)
             await trio.sleep(TYPING_EVERY_S)
 
     # ------------------------------------------------------------------ cancel

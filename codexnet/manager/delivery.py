@@ -111,7 +111,9 @@ class Delivery:
                     if resumed and index == first:
                         message_id = await self._already_posted(task, part)
                     if message_id is None:
-                        sent = await self._replies.send_answer_part(task.chat_id, part, until=until)
+                        sent = await self._replies.send_answer_part(
+                            task.chat_id, part, topic=task.topic, until=until
+                        )
                         if isinstance(sent, Abandoned):
                             return  # shutting down before it went out: the next start sends it
                         message_id = sent
@@ -122,6 +124,7 @@ class Delivery:
                         "answer.md",
                         (outcome.text if outcome.status == "completed" else text).encode(),
                         f"The whole answer ({len(parts)} messages above).",
+                        topic=task.topic,
                         until=until,
                     )
                 if not ok:
