@@ -17,6 +17,18 @@ until the other side acknowledges it, and its receiver applies it once:
 `task_event`s carry a per-task `seq`; after a reconnect the proxy sends the
 whole text again as one `snapshot`. `approval_request`s are re-sent after every
 reconnect while open; the manager keys them by (task id, approval id).
+
+The workspace (files, directories, models, threads) is pulled, never pushed,
+so whoever asks bounds what is in flight and asks again after a reconnect:
+
+    file_fetch  → file_part     a task's file, chunk by chunk (proxy asks)
+    read_file   → read_result   a file on the machine or a turn's diff (manager asks)
+    query       → query_result  models, threads, a thread, a directory (manager asks)
+
+A task's files are part of the task: the manager keeps their bytes (on disk)
+until the task has ended, and the proxy fetches whatever it does not have yet
+after every reconnect or restart. Reads and queries are replies: a lost one is
+asked again or reported, never journalled.
 """
 
 from __future__ import annotations
@@ -28,8 +40,11 @@ import attrs
 import cattrs
 from cattrs.strategies import configure_tagged_union
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+# Bytes of a file per file_part / read_result (base64 makes it 4/3 on the wire).
+CHUNK_BYTES: Final = 512 * 1024
+MAX_CHUNK_BYTES: Final = 2 * 1024 * 1024
 
 # WebSocket close codes (4000-4999 are for applications).
 CLOSE_BAD_FRAME: Final = 4400
@@ -61,6 +76,7 @@ class Hello:
     # reconnect the manager can tell which of its in-flight tasks survived.
     running: list[str] = attrs.Factory(list)
     finished: list[str] = attrs.Factory(list)
+    workdir: str = ""  # its codex_cwd: where a conversation works unless it chose (/cd)
     type: Literal["hello"] = "hello"
 
 
@@ -104,6 +120,9 @@ class TaskResult:
     thread_id: str | None = None
     error: str | None = None
     usage: dict[str, int] = attrs.Factory(dict)
+    # The turn changed files: its diff (this many bytes) is kept by the proxy
+    # and sent on request (`read_file` kind "diff").
+    diff_bytes: int = 0
     type: Literal["task_result"] = "task_result"
 
 
@@ -127,6 +146,55 @@ class Load:
     type: Literal["load"] = "load"
 
 
+@attrs.frozen
+class FileFetch:
+    """Send `length` bytes of file `index` of task `task_id` from `offset` (a `file_part`)."""
+
+    task_id: str
+    index: int
+    offset: int
+    length: int
+    type: Literal["file_fetch"] = "file_fetch"
+
+
+@attrs.frozen
+class ModelInfo:
+    id: str
+    name: str = ""
+    efforts: list[str] = attrs.Factory(list)  # reasoning efforts it advertises
+    default_effort: str | None = None
+    is_default: bool = False
+
+
+@attrs.frozen
+class ThreadInfo:
+    id: str
+    preview: str = ""  # usually its first prompt
+    updated: int = 0  # unix time
+    cwd: str = ""
+
+
+@attrs.frozen
+class QueryResult:
+    request_id: str
+    error: str | None = None  # one line for the chat
+    models: list[ModelInfo] = attrs.Factory(list)
+    threads: list[ThreadInfo] = attrs.Factory(list)
+    path: str = ""  # kind "cwd": the directory, resolved
+    type: Literal["query_result"] = "query_result"
+
+
+@attrs.frozen
+class ReadResult:
+    request_id: str
+    offset: int = 0
+    data: str = ""  # base64 of the bytes from `offset`
+    size: int = 0  # the whole file's size
+    name: str = ""  # its file name
+    error: str | None = None  # one line for the chat
+    type: Literal["read_result"] = "read_result"
+
+
 # --------------------------------------------------------------------- manager → proxy
 
 
@@ -134,6 +202,17 @@ class Load:
 class Welcome:
     protocol: int = PROTOCOL_VERSION
     type: Literal["welcome"] = "welcome"
+
+
+@attrs.frozen
+class FileRef:
+    """A file sent with a prompt; its bytes come with `file_fetch`."""
+
+    index: int
+    name: str  # as the person's app named it (the proxy makes it a safe file name)
+    size: int
+    sha256: str
+    kind: Literal["document", "photo"] = "document"
 
 
 @attrs.frozen
@@ -145,6 +224,10 @@ class Task:
     # Counted by the proxy from when it accepts the task (time queued behind
     # its capacity included), so the manager's own deadline can follow it.
     timeout_s: float = 1800.0
+    model: str | None = None  # None: the proxy's default
+    effort: str | None = None
+    cwd: str | None = None  # None: the proxy's codex_cwd
+    files: list[FileRef] = attrs.Factory(list)
     type: Literal["task"] = "task"
 
 
@@ -168,10 +251,62 @@ class ResultAck:
     type: Literal["result_ack"] = "result_ack"
 
 
+@attrs.frozen
+class FilePart:
+    """The answer to a `file_fetch`: `data` (base64) from `offset`, or why not."""
+
+    task_id: str
+    index: int
+    offset: int
+    data: str = ""
+    error: str | None = None
+    type: Literal["file_part"] = "file_part"
+
+
+QueryKind = Literal["models", "threads", "thread", "cwd"]
+
+
+@attrs.frozen
+class Query:
+    """models: model/list; threads: the recent ones; thread: does `arg` exist;
+    cwd: resolve directory `arg` (relative to codex_cwd) inside allowed_roots."""
+
+    request_id: str
+    kind: QueryKind
+    arg: str = ""
+    type: Literal["query"] = "query"
+
+
+@attrs.frozen
+class ReadFile:
+    """Read `length` bytes from `offset` of `path` (relative to `cwd`, else codex_cwd),
+    or with kind "diff" of the diff of task `path`; answered by `read_result`."""
+
+    request_id: str
+    path: str
+    offset: int = 0
+    length: int = CHUNK_BYTES
+    cwd: str | None = None
+    kind: Literal["file", "diff"] = "file"
+    type: Literal["read_file"] = "read_file"
+
+
 ProxyFrame = (
-    Hello | TaskAck | TaskEvent | ApprovalRequest | TaskResult | CancelAck | DecisionAck | Load
+    Hello
+    | TaskAck
+    | TaskEvent
+    | ApprovalRequest
+    | TaskResult
+    | CancelAck
+    | DecisionAck
+    | Load
+    | FileFetch
+    | QueryResult
+    | ReadResult
 )
-ManagerFrame = Welcome | Task | TaskCancel | ApprovalDecision | ResultAck
+ManagerFrame = (
+    Welcome | Task | TaskCancel | ApprovalDecision | ResultAck | FilePart | Query | ReadFile
+)
 Frame = ProxyFrame | ManagerFrame
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
