@@ -27,11 +27,13 @@ import trio
 from codexnet.backoff import backoff
 from codexnet.config import ManagerConfig
 from codexnet.db import StateError
-from codexnet.manager.commands import ChatCommands, Context, topic_of
+from codexnet.manager.chat_context import Context, topic_of
+from codexnet.manager.commands import ChatCommands
 from codexnet.manager.conversation import Conversations
+from codexnet.manager.files import attachment_of, refusal
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
-from codexnet.manager.store import ManagerStore
+from codexnet.manager.store import Attachment, ManagerStore
 from codexnet.manager.telegram import (
     RetryAfter,
     TelegramClient,
@@ -229,8 +231,16 @@ class Bot:
             self._refuse(chat_id, topic, user)
             return
         assert user is not None
+        attachment = attachment_of(message)
+        if attachment is not None:
+            await self._on_file(message, update_id, topic, attachment)
+            return
         if not isinstance(text, str) or not text.strip():
-            self._replies.post(chat_id, "I can only read text messages for now.", topic=topic)
+            self._replies.post(
+                chat_id,
+                "I can read text, documents and photos; not this kind of message.",
+                topic=topic,
+            )
             return
         ctx = Context(chat_id, topic, user)
         if text.startswith("/"):
@@ -241,6 +251,30 @@ class Bot:
             await self._conversations.submit(
                 chat_id, topic, text, update_id=update_id, message_id=message.get("message_id")
             )
+
+    async def _on_file(
+        self, message: dict[str, Any], update_id: int, topic: int, attachment: Attachment
+    ) -> None:
+        """A document or photo: its caption is the prompt (a command in it is just text)."""
+        chat_id = message["chat"]["id"]
+        if update_id in self._store.updates:
+            log.info("update %s was journalled before a restart; not run again", update_id)
+            return
+        refused = refusal(attachment)
+        if refused is not None:
+            self._replies.post(chat_id, refused, topic=topic)
+            return
+        caption = message.get("caption")
+        media_group = message.get("media_group_id")
+        await self._conversations.submit(
+            chat_id,
+            topic,
+            caption if isinstance(caption, str) else "",
+            update_id=update_id,
+            message_id=message.get("message_id"),
+            attachment=attachment,
+            media_group=media_group if isinstance(media_group, str) else None,
+        )
 
     def _refuse(self, chat_id: int, topic: int, user: dict[str, Any] | None) -> None:
         user_id = user.get("id") if user else None

@@ -6,7 +6,9 @@ the message (chat, topic, who) and the text after the command.
 
 Buttons: `callback_data` is a few bytes — `c:<key>` cancels a task, `a:<key>:y|s|n`
 answers an approval (keys are random and bound to their chat), `u:<proxy>` picks
-a machine for the chat it is pressed in.
+a machine for the chat it is pressed in; the workspace's (`workspace_commands.py`):
+`m:<model>`, `e:<effort>`, `r:<thread id>` for the conversation they are pressed
+in, `d:<key>` sends a turn's diff.
 """
 
 from __future__ import annotations
@@ -20,42 +22,20 @@ import attrs
 
 from codexnet.config import ManagerConfig
 from codexnet.manager.approvals import Approvals
+from codexnet.manager.chat_context import Context, topic_of
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import choose_proxy
-from codexnet.manager.store import ConversationKey, ManagerStore
+from codexnet.manager.store import ManagerStore
+from codexnet.manager.workspace_commands import WorkspaceCommands
 
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_DATA: Final = 64  # bytes, Telegram's limit
 
 
-@attrs.frozen
-class Context:
-    chat_id: int
-    topic: int
-    user: dict[str, Any]
-
-    @property
-    def key(self) -> ConversationKey:
-        return (self.chat_id, self.topic)
-
-
 Handler = Callable[[Context, str], Awaitable[None]]
-
-
-def topic_of(message: dict[str, Any]) -> int:
-    """The forum topic a message is in (its `message_thread_id`); 0 outside topics.
-
-    In a forum supergroup (or a private chat with topics) `is_topic_message`
-    marks a message in a topic; the General topic and plain chats are 0. A
-    `message_thread_id` without it is a reply thread, not a topic.
-    """
-    thread_id = message.get("message_thread_id")
-    if message.get("is_topic_message") and isinstance(thread_id, int):
-        return thread_id
-    return 0
 
 
 @attrs.frozen
@@ -76,24 +56,38 @@ class ChatCommands:
         conversations: Conversations,
         approvals: Approvals,
         replies: Replies,
+        workspace: WorkspaceCommands,
     ) -> None:
         self._config = config
         self._store = store
         self._hub = hub
+        self._workspace = workspace
         self._conversations = conversations
         self._approvals = approvals
         self._replies = replies
         self._table = self._build()
 
     def _build(self) -> list[Command]:
+        ws, bg = self._workspace, self._workspace.background
         return [
             Command("start", "/start", "What this bot does", self.help, menu=False),
             Command("use", "/use <proxy>", "Pick the machine for this chat", self.use),
             Command("reset", "/reset", "Start a new Codex conversation", self.reset),
             Command("cancel", "/cancel", "Stop the running task", self.cancel),
             Command(
-                "status", "/status", "Machines, their load, and this chat's choice", self.status
+                "status",
+                "/status",
+                "Machines, their load, this chat's machine, model, directory and thread",
+                self.status,
             ),
+            Command("get", "/get <path>", "Send a file from this chat's directory", bg(ws.get)),
+            Command(
+                "model", "/model <name>", "Model for this chat (alone: the list)", bg(ws.model)
+            ),
+            Command("effort", "/effort <level>", "Reasoning effort for this chat", bg(ws.effort)),
+            Command("threads", "/threads", "Recent Codex threads on this machine", bg(ws.threads)),
+            Command("resume", "/resume <thread id>", "Continue a Codex thread here", bg(ws.resume)),
+            Command("cd", "/cd <path>", "Working directory for this chat (alone: show)", bg(ws.cd)),
             Command("help", "/help", "This list of commands", self.help),
         ]
 
@@ -181,6 +175,7 @@ class ChatCommands:
             lines.append(f"\nThis chat uses {route.proxy_id} ({route.why}).")
         else:
             lines.append(f"\n{route.why}")
+        lines += self._workspace.describe(ctx, route.proxy_id)
         self.reply(ctx, "\n".join(lines) or "No proxies configured.")
 
     # ------------------------------------------------------------------ buttons
@@ -210,5 +205,9 @@ class ChatCommands:
         if kind == "u" and isinstance(chat_id, int):
             self._replies.toast(query, f"Using {rest}")
             await self.use(self._button_context(query, chat_id), rest)
+            return
+        if isinstance(chat_id, int) and kind in ("m", "e", "r", "d"):
+            self._replies.toast(query, "Sending the diff…" if kind == "d" else "OK")
+            await self._workspace.on_button(self._button_context(query, chat_id), kind, rest)
             return
         self._replies.toast(query, "This button is no longer valid.")

@@ -37,8 +37,12 @@ from codexnet.protocol import (
     ApprovalRequest,
     CancelAck,
     DecisionAck,
+    FileFetch,
+    FileRef,
     Hello,
     ProxyFrame,
+    QueryResult,
+    ReadResult,
     ResultAck,
     Task,
     TaskAck,
@@ -52,6 +56,8 @@ log = logging.getLogger(__name__)
 FOREIGN_LOG_EVERY_S: Final = 60.0
 
 ApprovalHandler = Callable[[TaskRecord, ApprovalRequest], Awaitable[None]]
+FileFetchHandler = Callable[[ProxyConn, TaskRecord, FileFetch], Awaitable[None]]
+ReplyHandler = Callable[[ProxyConn, QueryResult | ReadResult], None]
 
 
 async def _no_approvals(task: TaskRecord, request: ApprovalRequest) -> None:
@@ -63,6 +69,11 @@ class Dispatcher:
         self._store = store
         self._hub = hub
         self.on_approval: ApprovalHandler = _no_approvals
+        # The workspace (manager/workspace.py): a task's files, and answers to questions.
+        self.on_file_fetch: FileFetchHandler | None = None
+        self.on_reply: ReplyHandler | None = None
+        self.on_online: Callable[[str], None] = lambda proxy_id: None
+        self.workdirs: dict[str, str] = {}  # proxy → its codex_cwd (from its hello)
         self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
         hub.listener = self
@@ -103,7 +114,27 @@ class Dispatcher:
         await self._hub.send(task.proxy_id, self._decision_frame(approval))
 
     def _task_frame(self, task: TaskRecord) -> Task:
-        return Task(task.task_id, task.chat_id, task.prompt, task.thread_id, task.timeout_s)
+        files = [
+            FileRef(
+                a.index,
+                a.name,
+                a.size,
+                a.sha256 or "",
+                "photo" if a.kind == "photo" else "document",
+            )
+            for a in task.files
+        ]
+        return Task(
+            task.task_id,
+            task.chat_id,
+            task.prompt,
+            task.thread_id,
+            task.timeout_s,
+            model=task.model,
+            effort=task.effort,
+            cwd=task.cwd,
+            files=files,
+        )
 
     @staticmethod
     def _decision_frame(approval: ApprovalRecord) -> ApprovalDecision:
@@ -117,6 +148,7 @@ class Dispatcher:
 
     async def proxy_online(self, conn: ProxyConn, hello: Hello) -> None:
         """Reconcile with what the proxy says it holds; send what it has not acknowledged."""
+        self.workdirs[conn.proxy_id] = hello.workdir
         held = set(hello.running) | set(hello.finished)
         mine = [t for t in self._store.open_tasks() if t.proxy_id == conn.proxy_id]
         for task in mine:
@@ -150,6 +182,7 @@ class Dispatcher:
                 await conn.send(self._decision_frame(approval))
         for task in mine:
             task.poke()  # live views: the machine is back
+        self.on_online(conn.proxy_id)  # questions asked while it was away go again
 
     def proxy_offline(self, conn: ProxyConn) -> None:
         for task in self._store.open_tasks():
@@ -157,6 +190,10 @@ class Dispatcher:
                 task.poke()
 
     async def on_frame(self, conn: ProxyConn, frame: ProxyFrame) -> None:
+        if isinstance(frame, QueryResult | ReadResult):
+            if self.on_reply is not None:
+                self.on_reply(conn, frame)
+            return
         task_id = getattr(frame, "task_id", None)
         if task_id is None:
             return
@@ -182,6 +219,9 @@ class Dispatcher:
         elif isinstance(frame, ApprovalRequest):
             if task.state in ("sent", "acked"):
                 await self.on_approval(task, frame)
+        elif isinstance(frame, FileFetch):
+            if self.on_file_fetch is not None:
+                await self.on_file_fetch(conn, task, frame)
         elif isinstance(frame, TaskResult):
             # In its own task: the reader goes on while the result is committed,
             # so results arriving together share one commit instead of queueing
@@ -210,6 +250,7 @@ class Dispatcher:
                         error=frame.error,
                         thread_id=frame.thread_id,
                         usage=dict(frame.usage),
+                        diff_bytes=frame.diff_bytes,
                     ),
                 )
             except StateError as exc:

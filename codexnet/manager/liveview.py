@@ -231,9 +231,12 @@ class LiveView:
             log.debug("chat %s: live edit skipped: %s", self.chat_id, exc.description)
             return False
 
-    async def finish(self, line: str, *, until: float) -> None:
-        """The task ended: the status message becomes one line, without the button."""
+    async def finish(
+        self, line: str, *, until: float, markup: dict[str, Any] | None = None
+    ) -> None:
+        """The task ended: the status message becomes one line, without the Cancel
+        button (with `markup` instead, e.g. the Diff button)."""
         elapsed = format_elapsed(max(0.0, trio.current_time() - self.started))
         text = f"{line} · {self.proxy_id} · {elapsed}"
         if self.status_message_id is not None:  # a quick task never showed a view
-            await self._edit(text, NO_KEYBOARD, until=until)
+            await self._edit(text, markup or NO_KEYBOARD, until=until)

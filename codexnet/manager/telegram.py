@@ -90,6 +90,7 @@ class TelegramClient:
     def __init__(self, http: httpx.AsyncClient, api_base: str, token: str) -> None:
         self._http = http
         self._base = f"{api_base.rstrip('/')}/bot{token}"
+        self._files = f"{api_base.rstrip('/')}/file/bot{token}"
         self.stats: dict[str, int] = {
             "requests": 0,
             "retry_after": 0,
@@ -100,6 +101,10 @@ class TelegramClient:
 
     def __repr__(self) -> str:
         return "TelegramClient(<token hidden>)"
+
+    def file_url(self, file_path: str) -> str:
+        """Where getFile's `file_path` is downloaded (it holds the token: never log it)."""
+        return f"{self._files}/{file_path}"
 
     async def wait_success(self) -> None:
         """Return at the next request that Telegram answers (it is reachable again)."""
