@@ -98,10 +98,10 @@ async def _thread(app: AppServer, thread_id: str) -> ThreadInfo:
         result = await app.call("thread/read", {"threadId": thread_id})
     except RpcError as exc:
         log.info("thread/read %s: %s", thread_id, exc.message)
-        raise WorkspaceError(f"this machine has no Codex thread {thread_id}") from None
+        raise WorkspaceError(f"No Codex thread {thread_id} on this machine.") from None
     raw = result.get("thread") if isinstance(result, dict) else None
     if not isinstance(raw, dict):
-        raise WorkspaceError(f"this machine has no Codex thread {thread_id}")
+        raise WorkspaceError(f"No Codex thread {thread_id} on this machine.")
     return _thread_info(raw)
 
 
