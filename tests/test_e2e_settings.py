@@ -208,3 +208,18 @@ async def test_threads_lists_terminal_threads_and_resume_continues_one(stack: St
             )
         request = await ask(stack, "chat three")
         assert request.user_prompts == ["chat one", "chat two", "chat three"]
+
+
+async def test_the_machine_defaults_apply_until_the_conversation_chooses(stack: Stack) -> None:
+    async with stack.manager() as hub, stack.proxy(hub, model="gpt-6-sol", effort="medium"):
+        request = await ask(stack, "defaults")
+        assert (request.body["model"], request.body["reasoning"]["effort"]) == (
+            "gpt-6-sol",
+            "medium",
+        )
+        await say(stack, "/effort xhigh", expect="Effort for this conversation: xhigh.")
+        request = await ask(stack, "chosen")
+        assert (request.body["model"], request.body["reasoning"]["effort"]) == (
+            "gpt-6-sol",
+            "xhigh",
+        )
