@@ -401,8 +401,16 @@ def load_manager_config(
         proxies[proxy_id] = entry
 
     default_proxy = r.get("default_proxy", r.string, None)
-    if default_proxy is not None and default_proxy not in proxies:
-        raise r.error("default_proxy", f"{default_proxy!r} is not listed under proxies")
+    if default_proxy is not None and default_proxy != "auto":
+        if default_proxy.startswith("label:"):
+            if not [p for p in default_proxy[len("label:") :].split(",") if p.strip()]:
+                raise r.error("default_proxy", "label: needs at least one label")
+        elif default_proxy not in proxies:
+            raise r.error(
+                "default_proxy",
+                f"{default_proxy!r} is not listed under proxies (or write \"label:<a>\" or"
+                ' "auto")',
+            )
 
     config = ManagerConfig(
         source=str(file),

@@ -57,6 +57,11 @@ CLOSE_PROTOCOL_VERSION: Final = 4426
 CLOSE_TRY_LATER: Final = 4429  # too many failed authentications from this address
 
 TaskStatus = Literal["completed", "failed", "interrupted", "timeout"]
+# The proxy's Codex app-server: `ok`, `starting` (not ready yet), `restarting`
+# (it exited and is started again after a backoff), `failed` (it could not be
+# started or did not initialize). A manager does not choose a machine that is
+# not `ok` for a new conversation. Absent (older proxies): `ok`.
+Health = Literal["ok", "starting", "restarting", "failed"]
 
 
 class ProtocolError(Exception):
@@ -79,6 +84,8 @@ class Hello:
     running: list[str] = attrs.Factory(list)
     finished: list[str] = attrs.Factory(list)
     workdir: str = ""  # its codex_cwd: where a conversation works unless it chose (/cd)
+    health: Health = "ok"
+    health_detail: str = ""  # why it is not ok (the app-server's last error), one line
     type: Literal["hello"] = "hello"
 
 
@@ -143,8 +150,12 @@ class DecisionAck:
 
 @attrs.frozen
 class Load:
+    """The proxy's load and health, sent whenever either changes."""
+
     running: int
     capacity: int
+    health: Health = "ok"
+    health_detail: str = ""
     type: Literal["load"] = "load"
 
 

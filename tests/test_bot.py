@@ -91,6 +91,7 @@ async def test_start_up_clears_a_webhook_and_registers_commands(
     assert fake.webhook_url is None
     assert [c["command"] for c in fake.commands] == [
         "use",
+        "all",
         "reset",
         "cancel",
         "status",
@@ -103,7 +104,14 @@ async def test_start_up_clears_a_webhook_and_registers_commands(
         "help",
     ]
     [help_text] = [m.text or "" for m in fake.messages(USER) if "/reset" in (m.text or "")]
-    for usage in ("/get <path>", "/model <name>", "/effort <level>", "/resume <thread id>"):
+    for usage in (
+        "/use <proxy> | label:<a>[,<b>] | auto",
+        "/all [label:<a>[,<b>]] <prompt>",
+        "/get <path>",
+        "/model <name>",
+        "/effort <level>",
+        "/resume <thread id>",
+    ):
         assert usage in help_text
 
 

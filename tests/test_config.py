@@ -105,7 +105,8 @@ def test_default_path_is_codex_config_json(tmp_path: Path, monkeypatch: pytest.M
         ),
         (
             '{"telegram_bot_token": "1:x", "default_proxy": "ghost"}',
-            "c.jsonc: default_proxy: 'ghost' is not listed under proxies",
+            "c.jsonc: default_proxy: 'ghost' is not listed under proxies (or write"
+            ' "label:<a>" or "auto")',
         ),
         (
             '{"telegram_bot_token": "1:x", "telegram_api_base": "ftp://x"}',

@@ -20,6 +20,7 @@ keeps polling with backoff and says so once a minute.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Final
 
 import trio
@@ -242,7 +243,7 @@ class Bot:
                 topic=topic,
             )
             return
-        ctx = Context(chat_id, topic, user)
+        ctx = Context(chat_id, topic, user, update_id=update_id)
         if text.startswith("/"):
             await self._on_command(ctx, text)
         elif update_id in self._store.updates:
@@ -302,7 +303,8 @@ class Bot:
         await self._commands.on_callback(query)
 
     async def _on_command(self, ctx: Context, text: str) -> None:
-        head, _, rest = text.strip().partition(" ")
+        # The command ends at the first space or line break ("/use\nx" is /use).
+        head, rest = ([*re.split(r"\s", text.strip(), maxsplit=1), ""])[:2]
         name, _, target = head[1:].partition("@")
         if target and self.username and target.lower() != self.username.lower():
             return  # addressed to another bot in a group

@@ -14,6 +14,7 @@ class Context:
     chat_id: int
     topic: int
     user: dict[str, Any]
+    update_id: int | None = None  # the message's update (an /all run's task ids derive from it)
 
     @property
     def key(self) -> ConversationKey:

@@ -26,7 +26,8 @@ from codexnet.manager.chat_context import Context, topic_of
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
-from codexnet.manager.routing import choose_proxy
+from codexnet.manager.routing import route_for
+from codexnet.manager.scheduler import MAX_MODE_CHARS, ModeError, members, mode_text, parse_mode
 from codexnet.manager.store import ManagerStore
 from codexnet.manager.workspace_commands import WorkspaceCommands
 
@@ -71,13 +72,24 @@ class ChatCommands:
         ws, bg = self._workspace, self._workspace.background
         return [
             Command("start", "/start", "What this bot does", self.help, menu=False),
-            Command("use", "/use <proxy>", "Pick the machine for this chat", self.use),
+            Command(
+                "use",
+                "/use <proxy> | label:<a>[,<b>] | auto",
+                "Pick the machine, or a pool by labels, or any machine (alone: buttons)",
+                self.use,
+            ),
+            Command(
+                "all",
+                "/all [label:<a>[,<b>]] <prompt>",
+                "Run a prompt on every online machine at once",
+                self.all,
+            ),
             Command("reset", "/reset", "Start a new Codex conversation", self.reset),
-            Command("cancel", "/cancel", "Stop the running task", self.cancel),
+            Command("cancel", "/cancel", "Stop the running task (all of an /all)", self.cancel),
             Command(
                 "status",
                 "/status",
-                "Machines, their load, this chat's machine, model, directory and thread",
+                "Machines, their health and load, this chat's mode, machine, model, directory",
                 self.status,
             ),
             Command("get", "/get <path>", "Send a file from this chat's directory", bg(ws.get)),
@@ -115,28 +127,96 @@ class ChatCommands:
     async def help(self, ctx: Context, argument: str) -> None:
         self.reply(ctx, self.help_text())
 
-    async def use(self, ctx: Context, proxy_id: str) -> None:
+    async def use(self, ctx: Context, argument: str) -> None:
         known = self._hub.known()
-        if not proxy_id:
-            buttons = [
-                [{"text": p, "callback_data": f"u:{p}"}]
-                for p in sorted(self._hub.online)
-                if len(f"u:{p}".encode()) <= MAX_CALLBACK_DATA
-            ]
-            text = (
-                "Pick the machine for this chat:"
-                if buttons
-                else f"No proxy is online. Known: {', '.join(known) or 'none'}."
-            )
-            self.reply(ctx, text, reply_markup={"inline_keyboard": buttons} if buttons else None)
+        if not argument:
+            text, markup = self._use_buttons()
+            self.reply(ctx, text, reply_markup=markup)
             return
-        if proxy_id not in known:
-            self.reply(ctx, f"Unknown proxy {proxy_id!r}. Known: {', '.join(known) or 'none'}.")
+        try:
+            mode = parse_mode(argument, known)
+        except ModeError as exc:
+            self.reply(ctx, str(exc))
             return
-        self._store.conversation(ctx.key).proxy = proxy_id
+        fleet = self._conversations.admission.fleet()
+        conv = self._store.conversation(ctx.key)
+        if mode.kind == "pinned":
+            assert mode.proxy_id is not None
+            conv.mode, conv.proxy = mode_text(mode), mode.proxy_id
+            await self._store.save_conversation(ctx.key)
+            state = "online" if mode.proxy_id in self._hub.online else "offline right now"
+            self.reply(ctx, f"This chat now uses {mode.proxy_id} ({state}).")
+            return
+        pool = members(fleet, mode)
+        if not pool:
+            labels = ", ".join(sorted(mode.labels))
+            have = ", ".join(self._labels()) or "none"
+            self.reply(ctx, f"No machine has the labels {labels}. Labels: {have}.")
+            return
+        conv.mode = mode_text(mode)
         await self._store.save_conversation(ctx.key)
-        state = "online" if proxy_id in self._hub.online else "offline right now"
-        self.reply(ctx, f"This chat now uses {proxy_id} ({state}).")
+        online = sum(1 for m in pool if m.online)
+        names = ", ".join(m.proxy_id for m in pool)
+        what = f"the pool {mode_text(mode)}" if mode.kind == "pool" else "any machine (auto)"
+        self.reply(
+            ctx,
+            f"This chat now uses {what}: {names} ({online} online). Each new conversation "
+            "goes to the least-loaded healthy machine.",
+        )
+
+    def _labels(self) -> list[str]:
+        return sorted({label for p in self._hub.known() for label in self._hub.labels(p)})
+
+    def _use_buttons(self) -> tuple[str, dict[str, Any] | None]:
+        choices = [(p, f"u:{p}") for p in sorted(self._hub.online)]
+        choices += [(f"🏷 {label}", f"u:label:{label}") for label in self._labels()]
+        if choices:
+            choices.append(("🔀 auto", "u:auto"))
+        buttons = [
+            [{"text": text, "callback_data": data}]
+            for text, data in choices
+            if len(data.encode()) <= MAX_CALLBACK_DATA
+        ]
+        if not buttons:
+            known = self._hub.known()
+            return f"No proxy is online. Known: {', '.join(known) or 'none'}.", None
+        return "Pick the machine (or a pool of machines by label) for this chat:", {
+            "inline_keyboard": buttons
+        }
+
+    async def all(self, ctx: Context, argument: str) -> None:
+        usage = "Usage: /all [label:<a>[,<b>]] <prompt> — runs the prompt on every online machine."
+        spec, prompt = "", argument
+        if argument.startswith("label:"):
+            spec, prompt = ([*argument.split(maxsplit=1), ""])[:2]
+        if not prompt.strip():
+            self.reply(ctx, usage)
+            return
+        admission = self._conversations.admission
+        fleet = admission.fleet()
+        pool = list(fleet.values())
+        if spec:
+            try:
+                mode = parse_mode(spec[: MAX_MODE_CHARS + 1], self._hub.known())
+            except ModeError as exc:
+                self.reply(ctx, str(exc))
+                return
+            pool = members(fleet, mode)
+            if not pool:
+                labels = ", ".join(sorted(mode.labels))
+                self.reply(ctx, f"No machine has the labels {labels}.")
+                return
+        targets = sorted(m.proxy_id for m in pool if m.online)
+        if not targets:
+            which = f" with {spec}" if spec else ""
+            self.reply(ctx, f"No machine{which} is online right now.")
+            return
+        if ctx.update_id is not None and ctx.update_id in self._store.updates:
+            log.info("update %s was journalled before a restart; not run again", ctx.update_id)
+            return
+        await self._conversations.submit_all(
+            ctx.chat_id, ctx.topic, prompt.strip(), targets, update_id=ctx.update_id
+        )
 
     async def reset(self, ctx: Context, argument: str) -> None:
         conv = self._store.conversation(ctx.key)
@@ -146,35 +226,47 @@ class ChatCommands:
         self.reply(ctx, "OK: your next message starts a new conversation.")
 
     async def cancel(self, ctx: Context, argument: str) -> None:
-        task = self._conversations.current(ctx.key)
-        if task is None:
+        tasks = self._conversations.cancellable(ctx.key)
+        if not tasks:
             self.reply(ctx, "Nothing is running in this chat.")
             return
-        await self._conversations.cancel(task)
+        for task in tasks:
+            await self._conversations.cancel(task)
 
     async def status(self, ctx: Context, argument: str) -> None:
-        conv = self._store.conversation(ctx.key)
-        route = choose_proxy(
-            conv.proxy, self._config.default_proxy, self._hub.online, self._hub.known()
-        )
+        admission = self._conversations.admission
+        fleet = admission.fleet()
         lines = []
-        for proxy_id in self._hub.known():
-            conn = self._hub.online.get(proxy_id)
-            labels = ", ".join(self._hub.labels(proxy_id)) or "none"
-            if conn is None:
+        for proxy_id, m in fleet.items():
+            labels = ", ".join(sorted(m.labels)) or "none"
+            queued = f"{m.queued} queued"
+            if not m.online:
                 since = self._hub.offline_since.get(proxy_id)
-                when = f" since {time.strftime('%H:%M', time.localtime(since))}" if since else ""
-                lines.append(f"⚪ {proxy_id}: offline{when} (labels: {labels})")
-            else:
-                rtt = f", heartbeat {conn.rtt * 1000:.0f} ms" if conn.rtt is not None else ""
-                lines.append(
-                    f"🟢 {proxy_id}: online, {conn.running}/{conn.capacity} running, "
-                    f"labels: {labels}, {conn.version or 'version unknown'}{rtt}"
-                )
-        if route.proxy_id is not None:
-            lines.append(f"\nThis chat uses {route.proxy_id} ({route.why}).")
+                when = f" since {_clock(since)}" if since else ""
+                lines.append(f"⚪ {proxy_id}: offline{when}, {queued}, labels: {labels}")
+                continue
+            conn = self._hub.online[proxy_id]
+            health = "healthy" if m.unhealthy is None else f"not chosen: {m.unhealthy}"
+            rtt = f", heartbeat {conn.rtt * 1000:.0f} ms" if conn.rtt is not None else ""
+            mark = "🟢" if m.unhealthy is None else "🟡"
+            lines.append(
+                f"{mark} {proxy_id}: online since {_clock(conn.connected_at)}, {health}, "
+                f"{m.running}/{m.capacity} running, {queued}, labels: {labels}, "
+                f"{conn.version or 'version unknown'}{rtt}"
+            )
+        chat = admission.chat_of(ctx.key)
+        route = route_for(admission, ctx.key)
+        mode = chat.mode
+        if mode.kind == "unset":
+            head = "This chat"
         else:
-            lines.append(f"\n{route.why}")
+            head = f"This chat: {mode.describe()}"
+            head += " (the default)" if self._store.conversation(ctx.key).mode is None else ""
+            head += ";"
+        if route.proxy_id is not None:
+            lines.append(f"\n{head} uses {route.proxy_id} ({route.why}).")
+        else:
+            lines.append(f"\n{head} {route.why}" if mode.kind != "unset" else f"\n{route.why}")
         lines += self._workspace.describe(ctx, route.proxy_id)
         self.reply(ctx, "\n".join(lines) or "No proxies configured.")
 
@@ -200,7 +292,8 @@ class ChatCommands:
                 self._replies.toast(query, "That task has already finished.")
                 return
             self._replies.toast(query, "Cancelling…")
-            await self._conversations.cancel(task)
+            for each in self._conversations.tasks_for_cancel_key(rest):
+                await self._conversations.cancel(each)  # all of an /all run
             return
         if kind == "u" and isinstance(chat_id, int):
             self._replies.toast(query, f"Using {rest}")
@@ -211,3 +304,7 @@ class ChatCommands:
             await self._workspace.on_button(self._button_context(query, chat_id), kind, rest)
             return
         self._replies.toast(query, "This button is no longer valid.")
+
+
+def _clock(wall: float) -> str:
+    return time.strftime("%H:%M", time.localtime(wall))

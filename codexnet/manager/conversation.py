@@ -34,21 +34,22 @@ import math
 import secrets
 import time
 import uuid
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
 from codexnet.config import ManagerConfig
 from codexnet.db import StateError
+from codexnet.manager.admission import Admission
 from codexnet.manager.delivery import Delivery, wall_to_trio
-from codexnet.manager.dispatcher import Dispatcher, wait_task_change
+from codexnet.manager.dispatcher import Dispatcher
 from codexnet.manager.files import FileProblem, Files
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub
 from codexnet.manager.liveview import SHOW_AFTER_S, LiveView
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
-from codexnet.manager.routing import choose_proxy
+from codexnet.manager.scheduler import Decision
 from codexnet.manager.store import (
     Attachment,
     ConversationKey,
@@ -65,6 +66,12 @@ RECONNECT_GRACE_S: Final = 120.0  # an unacknowledged task waits this long for i
 RESULT_GRACE_S: Final = 60.0  # beyond the task's own timeout, which the proxy enforces
 STATE_RETRY_S: Final = 5.0
 ALBUM_WAIT_S: Final = 1.5  # Telegram sends an album's photos one message each, together
+
+
+class ViewSink(Protocol):
+    """What `_watch` tells: a task's live view, or its line in an /all run's view."""
+
+    def update(self, text: str, step: str) -> None: ...
 
 
 class Conversations:
@@ -93,21 +100,31 @@ class Conversations:
         self._active: set[ConversationKey] = set()
         self._views: dict[str, LiveView] = {}
         self._no_drafts: set[int] = set()  # chats where Telegram refused sendMessageDraft
+        self._active_runs: set[str] = set()
+        self.admission = Admission(config, store, hub)
+        dispatcher.on_finished = lambda task: self.admission.pump()
         self.nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
-        """Give every conversation with open tasks (from before a restart) its lane."""
+        """Give every conversation (and /all run) with open tasks from before a
+        restart its lane."""
         self.nursery = nursery
         self._started = trio.current_time()
-        keys = {task.conversation for task in self._store.open_tasks()}
-        if keys:
+        nursery.start_soon(self.admission.watch)
+        keys = {task.conversation for task in self._store.open_tasks() if task.run_id is None}
+        runs = self._store.runs()
+        if keys or runs:
             log.info(
-                "journal: %d open task(s) in %d conversation(s) from before the restart",
+                "journal: %d open task(s) in %d conversation(s) and %d /all run(s) from "
+                "before the restart",
                 len(self._store.tasks),
                 len(keys),
+                len(runs),
             )
         for key in keys:
             self._wake(key)
+        for run_id in runs:
+            self._wake_run(run_id)
 
     # ------------------------------------------------------------------ prompts
 
@@ -196,13 +213,17 @@ class Conversations:
         return f"t{bot}u{update_id}"
 
     def _route_now(self, task: TaskRecord) -> str | None:
-        conv = self._store.conversation(task.conversation)
-        route = choose_proxy(
-            conv.proxy, self._config.default_proxy, self._hub.online, self._hub.known()
-        )
-        return route.proxy_id if route.proxy_id in self._hub.online else None
+        """The machine a just-arrived prompt goes to at once, if it has a free slot."""
+        decision = self.admission.decide_now(task)
+        if decision.action != "run" or decision.moved_from is not None:
+            return None  # it waits, is refused, or moves (with its notice): the lane's part
+        assert decision.proxy_id is not None
+        self.admission.granted(task, decision.proxy_id)
+        return decision.proxy_id
 
     def _thread_for(self, task: TaskRecord, proxy_id: str) -> str | None:
+        if task.run_id is not None:
+            return None  # an /all task: a fresh thread, the conversation untouched
         conv = self._store.conversation(task.conversation)
         return None if conv.reset else conv.threads.get(proxy_id)
 
@@ -260,16 +281,61 @@ class Conversations:
             if problem is not None:
                 await self._dispatcher.finish(task, Outcome("failed", line=problem))
                 return
-        proxy_id, why = await self._route(task)
+        decision = await self._admit(task)
         if task.cancel:
             await self._dispatcher.finish(
                 task, Outcome("interrupted", line="⏹ Cancelled before it started.")
             )
             return
-        if proxy_id is None:
-            await self._dispatcher.finish(task, Outcome("failed", line=why))
+        if decision.action != "run" or decision.proxy_id is None:
+            await self._dispatcher.finish(task, Outcome("failed", line=decision.why))
             return
-        await self._dispatcher.dispatch(task, proxy_id, self._thread_for(task, proxy_id))
+        proxy_id = decision.proxy_id
+        thread_id = self._thread_for(task, proxy_id)
+        if decision.moved_from is not None:
+            thread_id = None  # its thread lives on the machine that is gone
+            task.notice = (
+                f"{decision.moved_from} is offline; continuing on {proxy_id} in a new conversation"
+            )
+            log.info("task %s: %s", task.task_id, task.notice)
+        view = self._views.get(task.task_id)
+        if view is not None:
+            view.proxy_id = proxy_id
+        await self._dispatcher.dispatch(task, proxy_id, thread_id)
+
+    async def _admit(self, task: TaskRecord) -> Decision:
+        """The scheduler's answer for this task, waiting in the manager's queue.
+
+        Right after a manager restart the proxies need a second or two to come
+        back; a message arriving then (or journalled before) waits up to
+        `proxy_wait_s` for its machine. A wait for a free slot has no deadline;
+        while it lasts the live view says the task's place ("queued: 2nd for
+        proxy1").
+        """
+        deadline = max(self._started, wall_to_trio(task.created)) + self._config.proxy_wait_s
+        async with trio.open_nursery() as nursery:
+            view: LiveView | None = None
+
+            def on_wait(step: str) -> None:
+                nonlocal view
+                if not step.startswith("queued:") and view is None:
+                    return  # a short wait for a machine to connect shows nothing
+                if view is None and task.run_id is None:
+                    view = self._view(task)
+                    view.proxy_id = step.rpartition(" for ")[2]
+                    nursery.start_soon(view.run)
+                if view is not None:
+                    view.update(task.text, step)
+                self._on_queued(task, step)
+
+            decision = await self.admission.admit(task, deadline=deadline, on_wait=on_wait)
+            nursery.cancel_scope.cancel()
+        return decision
+
+    def _on_queued(self, task: TaskRecord, step: str) -> None:
+        """An /all task's place in its machine's queue, for the run's view."""
+        task.step = step
+        task.poke()
 
     async def _fetch_files(self, task: TaskRecord) -> str | None:
         """Wait for the rest of an album, then fetch what is not on our disk yet.
@@ -291,29 +357,6 @@ class Conversations:
             await self._store.attachment_stored(attachment, size, sha256)
         return None
 
-    async def _route(self, task: TaskRecord) -> tuple[str | None, str]:
-        """The proxy for this task, waiting briefly for one to connect; else why not.
-
-        Right after a manager restart the proxies need a second or two to come
-        back; a message arriving then (or journalled before) waits for them.
-        """
-        deadline = max(self._started, wall_to_trio(task.created)) + self._config.proxy_wait_s
-        conv = self._store.conversation(task.conversation)
-        while True:
-            route = choose_proxy(
-                conv.proxy, self._config.default_proxy, self._hub.online, self._hub.known()
-            )
-            if route.proxy_id is not None and route.proxy_id in self._hub.online:
-                return route.proxy_id, route.why
-            if route.proxy_id is None and self._hub.online:
-                return None, route.why  # several online, none chosen: waiting will not help
-            if task.cancel or trio.current_time() >= deadline:
-                break
-            await wait_task_change(task, self._hub, deadline)
-        if route.proxy_id is not None:
-            return None, f"⚠️ proxy {route.proxy_id} is offline"
-        return None, route.why
-
     async def _follow(self, task: TaskRecord) -> None:
         """Show the task live until its outcome is in; enforce its deadlines.
 
@@ -332,7 +375,7 @@ class Conversations:
             await self._watch(task, view, until=math.inf)
             nursery.cancel_scope.cancel()
 
-    async def _watch(self, task: TaskRecord, view: LiveView, *, until: float) -> None:
+    async def _watch(self, task: TaskRecord, view: ViewSink, *, until: float) -> None:
         """Until the task is no longer running (or `until`): deadlines, and what the view shows."""
         proxy_id = task.proxy_id
         assert proxy_id is not None
@@ -438,6 +481,24 @@ class Conversations:
                 return task
         return None
 
+    def cancellable(self, key: ConversationKey) -> list[TaskRecord]:
+        """What /cancel stops here: the conversation's current task and every
+        task of its /all runs that has not finished."""
+        found = [t for t in [self.current(key)] if t is not None]
+        for run_id in self._store.runs(key):
+            found += [
+                t for t in self._store.run_tasks(run_id) if t.state in ("queued", "sent", "acked")
+            ]
+        return found
+
+    def tasks_for_cancel_key(self, key: str) -> list[TaskRecord]:
+        """Every unfinished task a Cancel button stops (one, or all of an /all run)."""
+        return [
+            t
+            for t in self._store.open_tasks()
+            if t.view_key == key and t.state in ("queued", "sent", "acked")
+        ]
+
     def task_for_cancel_key(self, key: str) -> TaskRecord | None:
         for task in self._store.open_tasks():
             if task.view_key == key and task.state in ("queued", "sent", "acked"):
@@ -446,3 +507,128 @@ class Conversations:
 
     async def cancel(self, task: TaskRecord) -> None:
         await self._dispatcher.request_cancel(task)
+
+    # ------------------------------------------------------------------ /all
+
+    async def submit_all(
+        self, chat_id: int, topic: int, prompt: str, proxies: list[str], *, update_id: int | None
+    ) -> str:
+        """Journal one task per machine of an /all run (durably), and start the run."""
+        run_id = self._task_id(update_id)
+        view_key = secrets.token_urlsafe(9)  # one Cancel button for the whole run
+        tasks: list[TaskRecord] = []
+        for proxy_id in proxies:
+            task = self._store.new_task(
+                chat_id,
+                topic,
+                prompt,
+                task_id=f"{run_id}.{proxy_id}",
+                timeout_s=self._config.task_timeout_s,
+                update_id=update_id if not tasks else None,
+                run_id=run_id,
+                target=proxy_id,
+                notice=f"🖥 {proxy_id}",
+            )
+            task.view_key = view_key
+            tasks.append(task)
+        for task in tasks:
+            await self._store.add_task(task)
+            self._store.save_view(task)
+        self._wake_run(run_id)
+        return run_id
+
+    def _wake_run(self, run_id: str) -> None:
+        if run_id in self._active_runs:
+            return
+        assert self.nursery is not None
+        self._active_runs.add(run_id)
+        self.nursery.start_soon(self._run_lane, run_id)
+
+    async def _run_lane(self, run_id: str) -> None:
+        """Every machine of an /all run at once, one view for all, each answer on its own."""
+        try:
+            tasks = self._store.run_tasks(run_id)
+            if not tasks:
+                return
+            board = RunBoard(tasks)
+            first = tasks[0]
+            view = self._make_view(first)
+            view.proxy_id = f"/all · {len(tasks)} machines"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(view.run)
+                async with trio.open_nursery() as members:
+                    for task in tasks:
+                        members.start_soon(self._run_member, task, board, view)
+                nursery.cancel_scope.cancel()
+            until = trio.current_time() + self._config.delivery_give_up_s
+            with self._grace.protect():
+                await view.finish(board.final_line(), until=until)
+        finally:
+            self._active_runs.discard(run_id)
+
+    async def _run_member(self, task: TaskRecord, board: RunBoard, view: LiveView) -> None:
+        line = board.line(task, view)
+        while task.state != "done":
+            await trio.lowlevel.checkpoint()
+            try:
+                if task.state == "queued":
+                    await self._start(task)
+                elif task.state in ("sent", "acked"):
+                    await self._watch(task, line, until=math.inf)
+                elif task.state == "finished":
+                    line.update(task.text, "")
+                    await self._delivery.deliver(task, None)
+            except StateError as exc:
+                log.error("%s; task %s waits and tries again", exc, task.task_id)
+                await trio.sleep(STATE_RETRY_S)
+            except Exception:  # error boundary: one machine's bug never stops the run
+                log.exception("task %s failed in the manager", task.task_id)
+                await self._give_up(task)
+            line.update(task.text, "")
+
+
+class RunBoard:
+    """An /all run's live view: one line per machine."""
+
+    def __init__(self, tasks: list[TaskRecord]) -> None:
+        self.tasks = tasks
+
+    def line(self, task: TaskRecord, view: LiveView) -> _BoardLine:
+        return _BoardLine(self, task, view)
+
+    def render(self) -> str:
+        return "\n".join(f"{t.target}: {self._state(t)}" for t in self.tasks)
+
+    @staticmethod
+    def _state(task: TaskRecord) -> str:
+        if task.state in ("finished", "done") and task.outcome is not None:
+            return FINISHED_WORDS.get(task.outcome.status, "failed")
+        if task.state == "queued":
+            return task.step if task.step.startswith("queued:") else "waiting"
+        return task.step or "running"
+
+    def final_line(self) -> str:
+        done = sum(
+            1 for t in self.tasks if t.outcome is not None and t.outcome.status == "completed"
+        )
+        mark = "✅" if done == len(self.tasks) else "⚠️"
+        return f"{mark} {done}/{len(self.tasks)} machines answered"
+
+
+FINISHED_WORDS: Final = {
+    "completed": "✅ done",
+    "interrupted": "⏹ cancelled",
+    "timeout": "⏱ timed out",
+    "failed": "⚠️ failed",
+}
+
+
+class _BoardLine:
+    def __init__(self, board: RunBoard, task: TaskRecord, view: LiveView) -> None:
+        self._board, self._task, self._view = board, task, view
+
+    def update(self, text: str, step: str) -> None:
+        if step:
+            self._task.step = step
+        finished = sum(1 for t in self._board.tasks if t.state in ("finished", "done"))
+        self._view.update(self._board.render(), f"{finished}/{len(self._board.tasks)} finished")

@@ -99,6 +99,8 @@ class Delivery:
             if step.cancelled_caught:
                 return  # shutting down: the next start picks it up from here
         text = describe_outcome(outcome)
+        if task.notice:  # a failover, or an /all answer: its first line says where
+            text = f"{task.notice}\n\n{text}"
         parts = plain_parts(text) if outcome.line else answer_parts(text)
         last_markup = None if on_view else diff
         with_document = len(parts) > DOCUMENT_AFTER_PARTS

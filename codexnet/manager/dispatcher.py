@@ -75,6 +75,8 @@ class Dispatcher:
         self.on_file_fetch: FileFetchHandler | None = None
         self.on_reply: ReplyHandler | None = None
         self.on_online: Callable[[str], None] = lambda proxy_id: None
+        # A task ended: its slot on its machine is free (the capacity queue moves).
+        self.on_finished: Callable[[TaskRecord], None] = lambda task: None
         self.workdirs: dict[str, str] = {}  # proxy → its codex_cwd (from its hello)
         self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
@@ -99,6 +101,7 @@ class Dispatcher:
             return
         await self._store.mark_finished(task, outcome)
         task.poke()
+        self.on_finished(task)
 
     async def request_cancel(self, task: TaskRecord) -> None:
         """The person asked to stop `task`; a queued one is ended by its conversation."""

@@ -84,6 +84,9 @@ ACCEPT_RETRY_S: Final = 0.1
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 DEFAULT_MAX_PENDING_PER_ADDRESS: Final = 32
 CLOSE_STATE_ERROR: Final = 4500
+# Pings go every third of heartbeat_timeout_s: a link silent for this share of
+# it has missed one, and its proxy is not chosen for new conversations.
+HEARTBEAT_LATE_FRACTION: Final = 0.6
 
 
 class HubListener(Protocol):
@@ -107,6 +110,8 @@ class ProxyConn:
     connected_at: float = attrs.Factory(time.time)
     last_heard: float = attrs.Factory(trio.current_time)  # trio time
     rtt: float | None = None  # seconds, of the last heartbeat
+    health: str = "ok"  # its app-server (protocol.Health), from hello and load frames
+    health_detail: str = ""
     peer: str = "?"  # address:port, for the logs
     # It replaced a connection of the same id that had stopped answering: that
     # one may still hold tasks this hello does not list (see the dispatcher).
@@ -162,6 +167,7 @@ class Hub:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.listener: HubListener = _NoListener()
         self.online: dict[str, ProxyConn] = {}
+        self._seen: dict[str, ProxyConn] = {}  # the last connection of each proxy (labels)
         self.offline_since: dict[str, float] = {}  # wall clock; from our start if never seen
         self._online_changed = trio.Event()
         self.port = 0  # the bound port, once serving
@@ -182,11 +188,33 @@ class Hub:
         return sorted(self._proxies)
 
     def labels(self, proxy_id: str) -> tuple[str, ...]:
-        conn = self.online.get(proxy_id)
-        if conn is not None and conn.labels:
+        """The manager's `proxies.<id>.labels` and the proxy's own (from its last hello)."""
+        conn = self.online.get(proxy_id) or self._seen.get(proxy_id)
+        if conn is not None:
             return conn.labels
         entry = self._proxies.get(proxy_id)
-        return entry.labels if entry else ()
+        return tuple(sorted(entry.labels)) if entry else ()
+
+    def last_seen(self, proxy_id: str) -> ProxyConn | None:
+        """Its connection now, or the last one it had (for capacity, labels while offline)."""
+        return self.online.get(proxy_id) or self._seen.get(proxy_id)
+
+    def heartbeat_late(self, conn: ProxyConn) -> str | None:
+        """Why `conn`'s heartbeats count as late (nothing heard for a while), else None."""
+        silent = trio.current_time() - conn.last_heard
+        if silent > self.heartbeat_timeout_s * HEARTBEAT_LATE_FRACTION:
+            return f"heartbeats late (silent for {silent:.0f} s)"
+        return None
+
+    def unhealthy(self, proxy_id: str) -> str | None:
+        """Why an online proxy is not chosen for new conversations, else None."""
+        conn = self.online.get(proxy_id)
+        if conn is None:
+            return None
+        if conn.health != "ok":
+            detail = f": {conn.health_detail}" if conn.health_detail else ""
+            return f"app-server {conn.health}{detail}"
+        return self.heartbeat_late(conn)
 
     async def wait_online(self, proxy_id: str | None = None) -> ProxyConn:
         """Wait until `proxy_id` (or, with None, any proxy) is online."""
@@ -373,8 +401,10 @@ class Hub:
                 proxy_id,
                 ws,
                 capacity=hello.capacity,
-                labels=tuple(hello.labels) or self._proxies[proxy_id].labels,
+                labels=_union(self._proxies[proxy_id].labels, hello.labels),
                 version=hello.version,
+                health=hello.health,
+                health_detail=hello.health_detail,
                 running=len(hello.running),
                 peer=peer,
                 took_over=old is not None,
@@ -382,6 +412,7 @@ class Hub:
             if not await conn.send(Welcome()):
                 return
             self.online[proxy_id] = conn
+            self._seen[proxy_id] = conn
             self.offline_since.pop(proxy_id, None)
             self._notify_online_changed()
         log.info(
@@ -426,9 +457,12 @@ class Hub:
             await trio.sleep(timeout / 3 * random.uniform(0.8, 1.2))
             sent = trio.current_time()
             with trio.move_on_at(conn.last_heard + timeout):
+                was_late = self.heartbeat_late(conn) is not None
                 await conn.ws.ping()
                 conn.last_heard = trio.current_time()
                 conn.rtt = conn.last_heard - sent
+                if was_late or self.heartbeat_late(conn) is not None:
+                    self._notify_online_changed()  # the scheduler may choose it again
                 continue
             log.warning(
                 "proxy %r silent for %.0f s (half-dead link?); marking it offline",
@@ -522,7 +556,17 @@ class Hub:
                 await conn.ws.aclose(CLOSE_BAD_FRAME, str(exc)[:120])
                 return
             if isinstance(frame, Load):
+                changed = (frame.health, frame.health_detail) != (conn.health, conn.health_detail)
                 conn.running = frame.running
+                conn.health, conn.health_detail = frame.health, frame.health_detail
+                if changed:
+                    log.info(
+                        "proxy %r: app-server %s%s",
+                        conn.proxy_id,
+                        frame.health,
+                        f" ({frame.health_detail})" if frame.health_detail else "",
+                    )
+                    self._notify_online_changed()
                 continue
             if not await self._tell(conn, self.listener.on_frame(conn, frame)):
                 return
@@ -541,6 +585,10 @@ class Hub:
                 await conn.ws.aclose(CLOSE_STATE_ERROR, "the manager cannot store its state")
             return False
         return True
+
+
+def _union(*groups: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    return tuple(sorted({label for group in groups for label in group}))
 
 
 def default_max_pending() -> int:

@@ -1,16 +1,20 @@
-"""Which proxy a chat's prompt goes to.
+"""Which machine a conversation is on, for the commands that ask one (/status, /model, /cd…).
 
-Order: the chat's sticky choice (`/use`, or the proxy that answered it last),
-else `default_proxy`, else the only proxy online. With several online and no
-default the person is asked to pick one with `/use`: guessing would start a
-conversation on a machine they did not mean.
+The scheduler (`scheduler.decide`) makes the decision for prompts; this is
+the same decision without waiting and without a failover: the machine the
+conversation lives on or is pinned to, else the one its next message would go
+to now, else why there is none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
 
 import attrs
+
+from codexnet.manager.admission import Admission
+from codexnet.manager.scheduler import decide
+from codexnet.manager.store import ConversationKey
 
 
 @attrs.frozen
@@ -19,16 +23,11 @@ class Route:
     why: str  # for the person when proxy_id is None, else how it was chosen
 
 
-def choose_proxy(
-    sticky: str | None, default: str | None, online: Collection[str], known: Collection[str]
-) -> Route:
-    if sticky is not None and sticky in known:
-        return Route(sticky, "chosen for this chat")
-    if default is not None:
-        return Route(default, "the default proxy")
-    if len(online) == 1:
-        return Route(next(iter(online)), "the only proxy online")
-    if not online:
-        return Route(None, "No proxy is online right now. Start one, then try again.")
-    names = ", ".join(sorted(online))
-    return Route(None, f"Several proxies are online ({names}). Pick one with /use <proxy>.")
+def route_for(admission: Admission, key: ConversationKey) -> Route:
+    chat = admission.chat_of(key)
+    if chat.mode.kind in ("pool", "auto") and chat.current is not None:
+        return Route(chat.current, "this conversation lives there")
+    decision = decide(admission.fleet(), chat, wait_s=math.inf)
+    if decision.proxy_id is not None:
+        return Route(decision.proxy_id, decision.why or "chosen for this chat")
+    return Route(None, decision.why)

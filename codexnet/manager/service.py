@@ -37,6 +37,7 @@ from codexnet.manager.hub import Hub
 from codexnet.manager.machine_requests import MachineRequests
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
+from codexnet.manager.routing import route_for
 from codexnet.manager.store import ManagerStore, Outcome
 from codexnet.manager.telegram import TelegramClient
 from codexnet.manager.workspace_commands import WorkspaceCommands
@@ -137,6 +138,7 @@ async def run_manager(
         )
         workspace = WorkspaceCommands(config, store, hub, dispatcher, machines, replies)
         workspace.nursery = nursery
+        workspace.route = partial(route_for, conversations.admission)
         commands = ChatCommands(config, store, hub, conversations, approvals, replies, workspace)
         bot = Bot(config, tg, outbox, store, replies, conversations, commands)
 

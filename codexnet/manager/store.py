@@ -140,6 +140,16 @@ MIGRATIONS: Final = (
     );
     CREATE INDEX tasks_by_diff ON tasks(diff_key) WHERE diff_key IS NOT NULL
     """,
+    # Schema 3, scheduling: a conversation's mode (NULL: default_proxy;
+    # "proxy:<id>", "label:<a>,<b>", "auto"); a task's first line (a failover
+    # notice, or an /all answer's machine), its /all run and that run's machine.
+    """
+    ALTER TABLE conversations ADD COLUMN mode TEXT;
+    ALTER TABLE tasks ADD COLUMN notice TEXT;
+    ALTER TABLE tasks ADD COLUMN run_id TEXT;
+    ALTER TABLE tasks ADD COLUMN target TEXT;
+    CREATE INDEX tasks_by_run ON tasks(run_id) WHERE run_id IS NOT NULL
+    """,
 )
 
 
@@ -151,6 +161,9 @@ class Conversation:
     model: str | None = None  # None: the machine's default
     effort: str | None = None
     workdirs: dict[str, str] = attrs.Factory(dict)  # proxy → directory chosen with /cd
+    # What /use chose (scheduler.mode_text): None means `default_proxy`. `proxy`
+    # above is the machine the conversation lives on (or, unchosen, sticks to).
+    mode: str | None = None
 
 
 @attrs.define(eq=False)
@@ -242,6 +255,12 @@ class TaskRecord:
     media_group: str | None = None
     files: list[Attachment] = attrs.Factory(list)
     diff_key: str | None = None
+    # Scheduling: the answer's first line (a failover notice, an /all answer's
+    # machine); an /all task's run and the one machine it is for. A run's tasks
+    # are not part of the conversation: they never touch its thread or machine.
+    notice: str | None = None
+    run_id: str | None = None
+    target: str | None = None
     # Runtime only (rebuilt from events after a restart):
     text: str = ""
     step: str = ""
@@ -296,6 +315,7 @@ class ManagerStore:
         # The same tasks by conversation, in arrival order (a lane looks at its
         # own conversation on every step: that must not cost a scan of all).
         self._by_conversation: dict[ConversationKey, dict[str, TaskRecord]] = {}
+        self._by_run: dict[str, dict[str, TaskRecord]] = {}  # /all runs' tasks
         self.done: set[str] = set()  # done within DONE_KEEP_DAYS: late results are dropped
         # Updates that became tasks: one redelivered after a crash is not run twice.
         self.updates: set[int] = set()
@@ -330,11 +350,11 @@ class ManagerStore:
     def _load(self, conn: sqlite3.Connection) -> None:
         row = conn.execute("SELECT value FROM meta WHERE key = 'offset'").fetchone()
         self.offset = int(row[0]) if row else None
-        for chat_id, topic, proxy, reset, model, effort in conn.execute(
-            "SELECT chat_id, topic, proxy, reset, model, effort FROM conversations"
+        for chat_id, topic, proxy, reset, model, effort, mode in conn.execute(
+            "SELECT chat_id, topic, proxy, reset, model, effort, mode FROM conversations"
         ):
             self.conversations[(chat_id, topic)] = Conversation(
-                proxy, {}, bool(reset), model, effort
+                proxy, {}, bool(reset), model, effort, mode=mode
             )
         for chat_id, topic, proxy_id, thread_id in conn.execute(
             "SELECT chat_id, topic, proxy_id, thread_id FROM threads"
@@ -360,7 +380,7 @@ class ManagerStore:
             "SELECT task_id, seq, chat_id, topic, prompt, created, state, proxy_id, thread_id,"
             " timeout_s, dispatched, acked, cancel, outcome, finished, parts_sent,"
             " view_message_id, view_key, update_id, message_id, delivery_anchor,"
-            " model, effort, cwd, media_group, diff_key"
+            " model, effort, cwd, media_group, diff_key, notice, run_id, target"
             " FROM tasks WHERE state != 'done' ORDER BY seq"
         ):
             task = TaskRecord(
@@ -390,6 +410,9 @@ class ManagerStore:
                 cwd=row[23],
                 media_group=row[24],
                 diff_key=row[25],
+                notice=row[26],
+                run_id=row[27],
+                target=row[28],
             )
             if task.update_id is not None:
                 self.updates.add(task.update_id)
@@ -479,22 +502,42 @@ class ManagerStore:
         return self.conversations.setdefault(key, Conversation())
 
     def open_tasks(self, key: ConversationKey | None = None) -> list[TaskRecord]:
-        """Tasks not yet done, oldest first: of one conversation, or of all."""
+        """Tasks not yet done, oldest first: of one conversation (without its /all
+        runs' tasks), or of all."""
         if key is not None:
             return list(self._by_conversation.get(key, {}).values())
         return sorted(self.tasks.values(), key=lambda t: t.seq)
 
+    def run_tasks(self, run_id: str) -> list[TaskRecord]:
+        """The open tasks of one /all run, oldest first."""
+        return list(self._by_run.get(run_id, {}).values())
+
+    def runs(self, key: ConversationKey | None = None) -> list[str]:
+        """The /all runs with open tasks (of one conversation, or all)."""
+        return [
+            run_id
+            for run_id, tasks in self._by_run.items()
+            if key is None or next(iter(tasks.values())).conversation == key
+        ]
+
+    def _lane(self, task: TaskRecord) -> dict[Any, dict[str, TaskRecord]]:
+        return self._by_run if task.run_id is not None else self._by_conversation
+
+    def _lane_key(self, task: TaskRecord) -> Any:
+        return task.run_id if task.run_id is not None else task.conversation
+
     def _remember(self, task: TaskRecord) -> None:
         self.tasks[task.task_id] = task
-        self._by_conversation.setdefault(task.conversation, {})[task.task_id] = task
+        self._lane(task).setdefault(self._lane_key(task), {})[task.task_id] = task
 
     def _forget(self, task: TaskRecord) -> None:
         self.tasks.pop(task.task_id, None)
-        siblings = self._by_conversation.get(task.conversation)
+        lanes, key = self._lane(task), self._lane_key(task)
+        siblings = lanes.get(key)
         if siblings is not None:
             siblings.pop(task.task_id, None)
             if not siblings:
-                del self._by_conversation[task.conversation]
+                del lanes[key]
 
     def approval(self, task_id: str, approval_id: str) -> ApprovalRecord | None:
         for approval in self.approvals.values():
@@ -537,11 +580,15 @@ class ManagerStore:
         message_id: int | None = None,
         files: list[Attachment] | None = None,
         media_group: str | None = None,
+        run_id: str | None = None,
+        target: str | None = None,
+        notice: str | None = None,
     ) -> TaskRecord:
         """A new prompt; `add_task` makes it durable."""
         self._seq += 1
         task = TaskRecord(task_id, self._seq, chat_id, topic, prompt, time.time())
         task.timeout_s = timeout_s
+        task.run_id, task.target, task.notice = run_id, target, notice
         task.update_id = update_id
         task.message_id = message_id
         task.media_group = media_group
@@ -584,6 +631,9 @@ class ManagerStore:
             task.effort,
             task.cwd,
             task.media_group,
+            task.notice,
+            task.run_id,
+            task.target,
         )
         files = [_attachment_row(a) for a in task.files]
 
@@ -591,8 +641,8 @@ class ManagerStore:
             c.execute(
                 "INSERT INTO tasks (task_id, seq, chat_id, topic, prompt, created, state,"
                 " timeout_s, update_id, message_id, proxy_id, thread_id, dispatched,"
-                " model, effort, cwd, media_group)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " model, effort, cwd, media_group, notice, run_id, target)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
             c.executemany(_INSERT_ATTACHMENT, files)
@@ -621,12 +671,13 @@ class ManagerStore:
             task.model,
             task.effort,
             task.cwd,
+            task.notice,
             task.task_id,
         )
         await self.db.write(
             lambda c: c.execute(
                 "UPDATE tasks SET state = 'sent', proxy_id = ?, thread_id = ?, dispatched = ?,"
-                " model = ?, effort = ?, cwd = ? WHERE task_id = ?",
+                " model = ?, effort = ?, cwd = ?, notice = ? WHERE task_id = ?",
                 values,
             )
         )
@@ -703,7 +754,8 @@ class ManagerStore:
         task.state, task.outcome, task.finished = "finished", outcome, time.time()
         key = task.conversation
         conv = self.conversation(key)
-        if outcome.thread_id and task.proxy_id:
+        ours = task.run_id is None  # an /all answer leaves the conversation alone
+        if ours and outcome.thread_id and task.proxy_id:
             conv.threads[task.proxy_id] = outcome.thread_id
             conv.reset = False
             conv.proxy = task.proxy_id  # sticky: the conversation lives on this machine now
@@ -722,7 +774,7 @@ class ManagerStore:
                 " WHERE task_id = ?",
                 values,
             )
-            if outcome.thread_id:
+            if ours and outcome.thread_id:
                 _write_conversation(c, key, copy)
 
         await self.db.write(fn)
@@ -831,8 +883,17 @@ def _write_conversation(conn: sqlite3.Connection, key: ConversationKey, conv: Co
     chat_id, topic = key
     conn.execute(
         "INSERT OR REPLACE INTO conversations (chat_id, topic, proxy, reset, updated, model,"
-        " effort) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (chat_id, topic, conv.proxy, int(conv.reset), time.time(), conv.model, conv.effort),
+        " effort, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            chat_id,
+            topic,
+            conv.proxy,
+            int(conv.reset),
+            time.time(),
+            conv.model,
+            conv.effort,
+            conv.mode,
+        ),
     )
     conn.execute("DELETE FROM threads WHERE chat_id = ? AND topic = ?", (chat_id, topic))
     conn.executemany(

@@ -1,7 +1,7 @@
 """The workspace commands: /get, /model, /effort, /threads, /resume, /cd, and the Diff button.
 
 Each acts on the conversation (chat, topic) it is typed in, on the machine that
-conversation routes to (`routing.choose_proxy`). They ask that machine first
+conversation routes to (`routing.route_for`). They ask that machine first
 (`machine_requests.py`) — is the path inside its allowed_roots, does the
 thread exist, which models does it list — so they run in the background: the
 update handler (and the next getUpdates) never waits for a machine. Bad input
@@ -30,8 +30,8 @@ from codexnet.manager.hub import Hub
 from codexnet.manager.machine_requests import MachineProblem, MachineRequests
 from codexnet.manager.outbox import Priority
 from codexnet.manager.replies import Replies
-from codexnet.manager.routing import choose_proxy
-from codexnet.manager.store import ManagerStore
+from codexnet.manager.routing import Route
+from codexnet.manager.store import ConversationKey, ManagerStore
 from codexnet.protocol import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class WorkspaceCommands:
         self._machines = machines
         self._replies = replies
         self.nursery: trio.Nursery | None = None  # where the commands run
+        # The conversation's machine (routing.route_for, set by the service).
+        self.route: Callable[[ConversationKey], Route] = lambda key: Route(None, "no scheduler")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -116,10 +118,7 @@ class WorkspaceCommands:
 
     def _machine(self, ctx: Context) -> str:
         """The machine this conversation uses (raises `MachineProblem` with why not)."""
-        conv = self._store.conversation(ctx.key)
-        route = choose_proxy(
-            conv.proxy, self._config.default_proxy, self._hub.online, self._hub.known()
-        )
+        route = self.route(ctx.key)
         if route.proxy_id is None:
             raise MachineProblem(route.why)
         return route.proxy_id

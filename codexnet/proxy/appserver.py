@@ -35,6 +35,7 @@ import codexnet
 from codexnet.backoff import backoff
 from codexnet.cli import first_leaf
 from codexnet.config import ProxyConfig
+from codexnet.protocol import Health
 from codexnet.proxy import server_requests
 from codexnet.proxy.jsonrpc import JsonRpcPeer, PeerClosed, RpcError, ServerRequest
 from codexnet.proxy.progress import describe_item
@@ -146,6 +147,11 @@ class AppServer:
         self._thread_locks: dict[str, trio.Lock] = {}
         self.restarts = 0
         self.version = ""
+        # What the manager is told (hello, load): it chooses only `ok` machines
+        # for new conversations. `health_changed` is replaced on every change.
+        self.health: Health = "starting"
+        self.health_detail = ""
+        self.health_changed = trio.Event()
 
     @property
     def command(self) -> list[str]:
@@ -160,10 +166,18 @@ class AppServer:
         while True:
             ran_ok = await self._run_child_once()
             failures = 0 if ran_ok else failures + 1
+            self._set_health("restarting" if ran_ok else "failed", self._last_error)
             delay = backoff(RESTART_BACKOFF_S, failures)
             log.warning("restarting codex app-server in %.0f s", delay)
             await trio.sleep(delay)
             self.restarts += 1
+
+    def _set_health(self, health: Health, detail: str = "") -> None:
+        if (health, detail) == (self.health, self.health_detail):
+            return
+        self.health, self.health_detail = health, detail
+        self.health_changed.set()
+        self.health_changed = trio.Event()
 
     async def _run_child_once(self) -> bool:
         """Start one child, serve it until it exits; True if it got past initialize."""
@@ -214,6 +228,7 @@ class AppServer:
                     initialized = True
                     self._child = child
                     self._ready.set()
+                    self._set_health("ok")
                     log.info(
                         "codex app-server ready (pid %d, %s)", process.pid, self.version or "?"
                     )

@@ -251,6 +251,7 @@ class ProxyService:
         self.welcomed.set()
         async with trio.open_nursery() as session:
             session.start_soon(self._heartbeat, ws)
+            session.start_soon(self._report_health)
             await self._replay()
             while True:
                 frame = decode_manager_frame(await ws.get_message())
@@ -325,7 +326,23 @@ class ProxyService:
             running=list(self._running),
             finished=list(self._outbox),
             workdir=str(self._config.codex_cwd),
+            health=self._app.health,
+            health_detail=self._app.health_detail[:200],
         )
+
+    def _load(self) -> Load:
+        return Load(
+            len(self._running),
+            self._config.capacity,
+            health=self._app.health,
+            health_detail=self._app.health_detail[:200],
+        )
+
+    async def _report_health(self) -> None:
+        """Tell the manager at once when the app-server stops or comes back."""
+        while True:
+            await self._app.health_changed.wait()
+            await self._send(self._load())
 
     async def _replay(self) -> None:
         """After a (re)connect: resend unacknowledged results and the live state."""
@@ -429,7 +446,7 @@ class ProxyService:
             f" ({result.error})" if result.error else "",
         )
         await self._send(result)
-        await self._send(Load(len(self._running), self._config.capacity))
+        await self._send(self._load())
 
     async def _run_within_capacity(self, running: _Running) -> TaskResult:
         task = running.task
@@ -444,7 +461,7 @@ class ProxyService:
             if not await self._acquire_or_cancel(running):
                 return TaskResult(task.task_id, "interrupted", thread_id=task.thread_id)
             try:
-                await self._send(Load(len(self._running), self._config.capacity))
+                await self._send(self._load())
                 # Marked before the turn starts: after a crash from here on, the
                 # model may have seen the prompt, so it is never run again.
                 try:
