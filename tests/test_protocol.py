@@ -105,3 +105,18 @@ def test_oversized_frame_is_rejected() -> None:
 
 def test_hello_repr_hides_the_token() -> None:
     assert "tok" not in repr(Hello("p", "tok", 1, 1))
+
+
+def test_health_defaults_to_ok_for_older_proxies_and_is_checked() -> None:
+    old_load = decode_proxy_frame('{"type":"load","running":1,"capacity":2}')
+    assert isinstance(old_load, Load)
+    assert (old_load.health, old_load.health_detail) == ("ok", "")
+    old_hello = decode_proxy_frame(
+        '{"type":"hello","proxy_id":"p","token":"t","protocol":3,"capacity":1}'
+    )
+    assert isinstance(old_hello, Hello)
+    assert old_hello.health == "ok"
+    sick = Load(0, 2, health="restarting", health_detail="app-server exited with code 1")
+    assert decode_proxy_frame(encode(sick)) == sick
+    with pytest.raises(ProtocolError, match="bad 'load' frame"):
+        decode_proxy_frame('{"type":"load","running":1,"capacity":2,"health":"sleepy"}')
