@@ -408,8 +408,7 @@ def load_manager_config(
         elif default_proxy not in proxies:
             raise r.error(
                 "default_proxy",
-                f"{default_proxy!r} is not listed under proxies (or write \"label:<a>\" or"
-                ' "auto")',
+                f'{default_proxy!r} is not listed under proxies (or write "label:<a>" or "auto")',
             )
 
     config = ManagerConfig(

@@ -96,10 +96,13 @@ async def test_use_status_and_reset(stack: Stack) -> None:
         assert new == ["This chat now uses proxy1 (online)."]
         await say(stack, "first", expect="Echo: first (turn 1)")
         await say(stack, "second", expect="Echo: second (turn 2)")
-        [status] = await say(stack, "/status", expect="This chat uses")
-        assert "🟢 proxy1: online, 0/2 running, labels: linux, codexnet" in status
-        assert "⚪ proxy2: offline" in status
-        assert "This chat uses proxy1 (chosen for this chat)." in status
+        [status] = await say(stack, "/status", expect="This chat:")
+        assert "🟢 proxy1: online since " in status
+        assert ", healthy, 0/2 running, 0 queued, labels: linux, codexnet" in status
+        assert "⚪ proxy2: offline since " in status
+        assert "This chat: pinned to proxy1; current machine: proxy1 (chosen for this chat)." in (
+            status
+        )
         await say(stack, "/reset", expect="new conversation")
         await say(stack, "third", expect="Echo: third (turn 1)")  # a fresh Codex thread
 

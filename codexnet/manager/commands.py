@@ -258,15 +258,19 @@ class ChatCommands:
         route = route_for(admission, ctx.key)
         mode = chat.mode
         if mode.kind == "unset":
-            head = "This chat"
+            line = (
+                f"This chat uses {route.proxy_id} ({route.why})." if route.proxy_id else route.why
+            )
         else:
-            head = f"This chat: {mode.describe()}"
-            head += " (the default)" if self._store.conversation(ctx.key).mode is None else ""
-            head += ";"
-        if route.proxy_id is not None:
-            lines.append(f"\n{head} uses {route.proxy_id} ({route.why}).")
-        else:
-            lines.append(f"\n{head} {route.why}" if mode.kind != "unset" else f"\n{route.why}")
+            default = " (the default)" if self._store.conversation(ctx.key).mode is None else ""
+            if route.proxy_id is None:
+                where = f"no machine now ({route.why.removeprefix('⚠️ ')})"
+            elif mode.kind != "pinned" and chat.current is None:
+                where = f"a new conversation goes to {route.proxy_id} ({route.why})"
+            else:
+                where = f"current machine: {route.proxy_id} ({route.why})"
+            line = f"This chat: {mode.describe()}{default}; {where}."
+        lines.append(f"\n{line}")
         lines += self._workspace.describe(ctx, route.proxy_id)
         self.reply(ctx, "\n".join(lines) or "No proxies configured.")
 

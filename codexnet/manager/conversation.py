@@ -553,7 +553,7 @@ class Conversations:
             board = RunBoard(tasks)
             first = tasks[0]
             view = self._make_view(first)
-            view.proxy_id = f"/all · {len(tasks)} machines"
+            view.proxy_id = "/all"
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(view.run)
                 async with trio.open_nursery() as members:
@@ -608,11 +608,15 @@ class RunBoard:
         return task.step or "running"
 
     def final_line(self) -> str:
-        done = sum(
-            1 for t in self.tasks if t.outcome is not None and t.outcome.status == "completed"
-        )
-        mark = "✅" if done == len(self.tasks) else "⚠️"
-        return f"{mark} {done}/{len(self.tasks)} machines answered"
+        statuses = [t.outcome.status if t.outcome else "failed" for t in self.tasks]
+        done = statuses.count("completed")
+        if done == len(statuses):
+            mark = "✅ Done"
+        elif "interrupted" in statuses:
+            mark = "⏹ Cancelled"
+        else:
+            mark = "⚠️ Failed"
+        return f"{mark} · {done}/{len(statuses)} machines answered"
 
 
 FINISHED_WORDS: Final = {

@@ -38,6 +38,7 @@ to fall back to the directives. Every request is kept in ``requests``
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import re
@@ -168,6 +169,9 @@ class RecordedRequest:
     body: dict[str, Any]
     disconnected: bool = False  # the client went away before the stream ended
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
+    _on_end: list[Callable[[RecordedRequest], None]] = attrs.field(
+        factory=list, init=False, repr=False
+    )
 
     @property
     def ended(self) -> bool:
@@ -179,8 +183,12 @@ class RecordedRequest:
         await self._ended.wait()
 
     def _end(self, *, disconnected: bool) -> None:
+        if self._ended.is_set():
+            return
         self.disconnected = disconnected
         self._ended.set()
+        for hook in self._on_end:
+            hook(self)
 
     @property
     def input(self) -> list[Any]:
@@ -254,6 +262,10 @@ class FakeResponsesAPI:
         self._script: Script | None = None
         self._waiters: list[trio.Event] = []
         self._ids = itertools.count(1)
+        # Requests streaming right now, and the most ever at once, by the
+        # working directory Codex sent (one per machine in multi-proxy tests).
+        self.in_flight: collections.Counter[str | None] = collections.Counter()
+        self.peak: collections.Counter[str | None] = collections.Counter()
 
     @property
     def base_url(self) -> str:
@@ -292,6 +304,10 @@ class FakeResponsesAPI:
         if not isinstance(body, dict):
             return Response.json(400, {"error": {"message": "body is not an object"}})
         recorded = RecordedRequest(request.method, request.path, request.headers, body)
+        key = recorded.cwd
+        self.in_flight[key] += 1
+        self.peak[key] = max(self.peak[key], self.in_flight[key])
+        recorded._on_end.append(lambda r: self.in_flight.subtract([key]))
         self.requests.append(recorded)
         waiters, self._waiters = self._waiters, []
         for event in waiters:

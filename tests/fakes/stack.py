@@ -108,14 +108,26 @@ class Stack:
 
     @asynccontextmanager
     async def proxy(
-        self, manager: Manager | None = None, *, port: int = 0, **changes: Any
+        self,
+        manager: Manager | None = None,
+        *,
+        port: int = 0,
+        machine: bool = False,
+        **changes: Any,
     ) -> AsyncIterator[ProxyService]:
         """Run a proxy for `manager` (waiting until it is online), or for whatever
-        manager listens on `port` (it keeps reconnecting, across manager restarts)."""
-        workdir = self.tmp / "work"
+        manager listens on `port` (it keeps reconnecting, across manager restarts).
+
+        `machine`: like a machine of its own — its own working directory
+        (`work-<id>`, which the fake model sees as the cwd) and CODEX_HOME."""
+        proxy_id = str(changes.get("proxy_id", "proxy1"))
+        workdir = self.tmp / (f"work-{proxy_id}" if machine else "work")
         workdir.mkdir(exist_ok=True)
+        env = self.codex_env
+        if machine:
+            env = write_codex_home(self.tmp / f"codex-home-{proxy_id}", self.model.base_url)
         config = proxy_config(manager.port if manager else port, workdir, **changes)
-        service = ProxyService(config, AppServer(config, env=self.codex_env))
+        service = ProxyService(config, AppServer(config, env=env))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.run)
             if manager is not None:
