@@ -22,7 +22,7 @@ import trio
 
 from codexnet.config import ProxyEntry
 from codexnet.manager.service import Manager
-from tests.fakes.stack import PROXY_TOKEN, USER, Stack, open_stack
+from tests.fakes.stack import PROXY_TOKEN, USER, Stack, free_port, open_stack
 from tests.test_e2e_telegram import texts
 
 pytestmark = pytest.mark.e2e
@@ -265,3 +265,26 @@ async def test_bad_scheduling_input_is_one_line_and_nothing_is_dispatched(stack:
             new = await say(stack, command, expect=line.split(" ")[0])
             assert new == [line]
     assert stack.model.requests == []
+
+
+async def test_a_prompt_queued_at_the_manager_survives_a_manager_restart(stack: Stack) -> None:
+    listen = ("127.0.0.1", free_port())
+    settings = {**MACHINES["proxy1"], "proxy_id": "proxy1", "proxy_token": TOKENS["proxy1"]}
+    async with stack.proxy(port=listen[1], machine=True, **settings):
+        async with manager(stack, manager_ws_listen=listen) as hub:
+            with trio.fail_after(60):
+                while (conn := hub.hub.online.get("proxy1")) is None or conn.health != "ok":
+                    await hub.hub.wait_change()
+            for group in GROUPS[:2]:
+                await say(stack, "/use proxy1", expect="now uses", chat_id=group)
+            await ask(stack, GROUPS[0], "[[slow:8]]")
+            stack.telegram.push_message(GROUPS[1], "[[reply:after the restart]]", user_id=USER)
+            await until(stack, lambda: shown(stack, GROUPS[1], "queued: 1st for proxy1"))
+        async with manager(stack, manager_ws_listen=listen):
+            await until(stack, lambda: "after the restart" in texts(stack, GROUPS[1]))
+            await until(stack, lambda: any("tick 8" in t for t in texts(stack, GROUPS[0])))
+    assert stack.model.peak[workdir(stack, "proxy1")] == 1
+    assert [r.last_user_text for r in stack.model.requests] == [
+        "[[slow:8]]",
+        "[[reply:after the restart]]",
+    ]

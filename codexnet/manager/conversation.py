@@ -101,6 +101,7 @@ class Conversations:
         self._views: dict[str, LiveView] = {}
         self._no_drafts: set[int] = set()  # chats where Telegram refused sendMessageDraft
         self._active_runs: set[str] = set()
+        self._run_lines: dict[str, _BoardLine] = {}  # an /all task → its line in the run's view
         self.admission = Admission(config, store, hub)
         dispatcher.on_finished = lambda task: self.admission.pump()
         self.nursery: trio.Nursery | None = None
@@ -334,8 +335,9 @@ class Conversations:
 
     def _on_queued(self, task: TaskRecord, step: str) -> None:
         """An /all task's place in its machine's queue, for the run's view."""
-        task.step = step
-        task.poke()
+        line = self._run_lines.get(task.task_id)
+        if line is not None:
+            line.update(task.text, step)
 
     async def _fetch_files(self, task: TaskRecord) -> str | None:
         """Wait for the rest of an album, then fetch what is not on our disk yet.
@@ -435,15 +437,18 @@ class Conversations:
         """The status message of a task from before a restart, to close it."""
         return self._make_view(task) if task.view_message_id is not None else None
 
-    def _make_view(self, task: TaskRecord) -> LiveView:
+    def _make_view(self, task: TaskRecord, *, shared: list[TaskRecord] | None = None) -> LiveView:
+        """`shared`: the tasks of an /all run, which share one view (each row keeps it,
+        so the view is found after a restart whichever of them is still open)."""
         if task.view_key is None:
             task.view_key = secrets.token_urlsafe(9)  # unguessable: it cancels a task
         private = task.chat_id > 0
         started = wall_to_trio(task.dispatched or task.created)
 
         def on_message(message_id: int | None) -> None:
-            task.view_message_id = message_id
-            self._store.save_view(task)
+            for each in shared or [task]:
+                each.view_message_id = message_id
+                self._store.save_view(each)
 
         return LiveView(
             self._outbox,
@@ -551,8 +556,8 @@ class Conversations:
             if not tasks:
                 return
             board = RunBoard(tasks)
-            first = tasks[0]
-            view = self._make_view(first)
+            first = next((t for t in tasks if t.view_message_id is not None), tasks[0])
+            view = self._make_view(first, shared=tasks)
             view.proxy_id = "/all"
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(view.run)
@@ -568,6 +573,13 @@ class Conversations:
 
     async def _run_member(self, task: TaskRecord, board: RunBoard, view: LiveView) -> None:
         line = board.line(task, view)
+        self._run_lines[task.task_id] = line
+        try:
+            await self._run_member_steps(task, line)
+        finally:
+            del self._run_lines[task.task_id]
+
+    async def _run_member_steps(self, task: TaskRecord, line: _BoardLine) -> None:
         while task.state != "done":
             await trio.lowlevel.checkpoint()
             try:
