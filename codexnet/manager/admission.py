@@ -31,6 +31,7 @@ from codexnet.manager.hub import Hub
 from codexnet.manager.scheduler import (
     Chat,
     Decision,
+    Load,
     Machine,
     Mode,
     decide,
@@ -41,6 +42,7 @@ from codexnet.manager.store import ConversationKey, ManagerStore, TaskRecord
 log = logging.getLogger(__name__)
 
 RECENT_S: Final = 600.0  # "fewest recent tasks" counts the last ten minutes
+SNAPSHOT_S: Final = 1.0  # the fleet's state (without load) is refreshed this often
 
 
 @attrs.define(eq=False)
@@ -64,6 +66,9 @@ class Admission:
         self._waiting: dict[str, _Waiter] = {}  # by task id, in arrival order (seq)
         self._granted: dict[str, str] = {}  # task id → machine, until it is dispatched
         self._recent: dict[str, collections.deque[float]] = {}
+        self._recent_n: collections.Counter[str] = collections.Counter()
+        self._snapshot: dict[str, Machine] | None = None
+        self._snapshot_version = -1
         self.changed = trio.Event()  # replaced after each pump: waiting tasks' places moved
 
     # ------------------------------------------------------------------ the fleet
@@ -83,15 +88,13 @@ class Admission:
         return Chat(mode, current)
 
     def running(self) -> collections.Counter[str]:
-        """Tasks the manager has given each machine and not seen finish."""
-        counts: collections.Counter[str] = collections.Counter()
-        for task in self._store.tasks.values():
-            if task.state in ("sent", "acked") and task.proxy_id is not None:
-                counts[task.proxy_id] += 1
+        """Tasks the manager has given each machine and not seen finish (and those
+        granted a slot a moment ago, until their dispatch is journalled)."""
+        counts = collections.Counter(self._store.running)
         for task_id, proxy_id in list(self._granted.items()):
             granted = self._store.tasks.get(task_id)
             if granted is None or granted.state != "queued":
-                del self._granted[task_id]  # dispatched (counted above) or gone
+                del self._granted[task_id]  # dispatched (counted in the store) or gone
             else:
                 counts[proxy_id] += 1
         return counts
@@ -105,34 +108,51 @@ class Admission:
                 counts[d.proxy_id] += 1
         return counts
 
-    def fleet(
-        self,
-        running: collections.Counter[str] | None = None,
-        queued: collections.Counter[str] | None = None,
-    ) -> dict[str, Machine]:
-        running = self.running() if running is None else running
-        queued = self.queued() if queued is None else queued
-        now = time.time()
-        cutoff = now - RECENT_S
+    def machines(self, *, fresh: bool = False) -> dict[str, Machine]:
+        """Each machine without its load: rebuilt when the hub reports a change, and
+        every `SNAPSHOT_S` by `watch` (late heartbeats and offline times move on their
+        own) — not on a decision's path."""
+        if fresh or self._snapshot is None or self._snapshot_version != self._hub.version:
+            self._snapshot = self._build()
+            self._snapshot_version = self._hub.version
+        return self._snapshot
+
+    def _build(self) -> dict[str, Machine]:
+        wall = time.time()
+        cutoff = wall - RECENT_S
+        for proxy_id, recent in self._recent.items():
+            while recent and recent[0] < cutoff:
+                recent.popleft()
+                self._recent_n[proxy_id] -= 1
         fleet: dict[str, Machine] = {}
         for proxy_id in self._hub.known():
             conn = self._hub.online.get(proxy_id)
-            recent = self._recent.get(proxy_id)
-            while recent and recent[0] < cutoff:
-                recent.popleft()
             since = self._hub.offline_since.get(proxy_id)
             fleet[proxy_id] = Machine(
                 proxy_id,
                 online=conn is not None,
                 capacity=conn.capacity if conn is not None else self._capacity_seen(proxy_id),
                 labels=frozenset(self._hub.labels(proxy_id)),
-                running=running[proxy_id],
-                queued=queued[proxy_id],
-                recent=len(recent) if recent else 0,
                 unhealthy=self._hub.unhealthy(proxy_id),
-                offline_for=0.0 if conn is not None or since is None else now - since,
+                offline_for=0.0 if conn is not None or since is None else wall - since,
             )
         return fleet
+
+    def load(self) -> Load:
+        return Load(self.running(), self.queued(), self._recent_n)
+
+    def fleet(self) -> dict[str, Machine]:
+        """Every machine with its load (for /status and the commands)."""
+        load = self.load()
+        return {
+            p: attrs.evolve(
+                m,
+                running=load.running.get(p, 0),
+                queued=load.queued.get(p, 0),
+                recent=self._recent_n.get(p, 0),
+            )
+            for p, m in self.machines().items()
+        }
 
     def _capacity_seen(self, proxy_id: str) -> int:
         seen = self._hub.last_seen(proxy_id)
@@ -142,12 +162,18 @@ class Admission:
 
     def decide_now(self, task: TaskRecord) -> Decision:
         """For a prompt that just arrived: behind everything already waiting."""
-        return decide(self.fleet(), self.chat_for(task), wait_s=self._config.proxy_wait_s)
+        return decide(
+            self.machines(),
+            self.chat_for(task),
+            wait_s=self._config.proxy_wait_s,
+            load=self.load(),
+        )
 
     def granted(self, task: TaskRecord, proxy_id: str) -> None:
         """The task goes to `proxy_id` now (counted until its dispatch is journalled)."""
         self._granted[task.task_id] = proxy_id
         self._recent.setdefault(proxy_id, collections.deque()).append(time.time())
+        self._recent_n[proxy_id] += 1
 
     async def admit(
         self,
@@ -190,7 +216,7 @@ class Admission:
                         for event in (changed, done, poked):
                             nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
                 if timer.cancelled_caught:
-                    self.pump()  # time alone may have changed it (a failover is due)
+                    self.pump(fresh=True)  # time alone may have changed it (a failover is due)
             assert waiter.decision is not None
             return waiter.decision
         finally:
@@ -198,31 +224,44 @@ class Admission:
             if not waiter.done.is_set() and self._waiting:
                 self.pump()  # it left the line (cancelled, gave up): the others move up
 
-    def pump(self) -> None:
+    def pump(self, *, fresh: bool = False) -> None:
         """Decide every waiting task again, oldest first (synchronous: no one
-        sees the queue half-done)."""
+        sees the queue half-done).
+
+        Tasks of the same mode wait for the same thing: once one of them must
+        wait, the next ones do too until a slot is taken, so each distinct
+        situation is decided once per pass.
+        """
+        machines = self.machines(fresh=fresh)
         running = self.running()
         queued: collections.Counter[str] = collections.Counter()
+        load = Load(running, queued, self._recent_n)
         places: collections.Counter[str] = collections.Counter()
         wait_s = self._config.proxy_wait_s
+        waits: dict[Chat, Decision] = {}
         for waiter in sorted(self._waiting.values(), key=lambda w: w.task.seq):
             if waiter.done.is_set():
                 continue
-            decision = decide(
-                self.fleet(running, queued), self.chat_for(waiter.task), wait_s=wait_s
-            )
+            chat = self.chat_for(waiter.task)
+            decision = waits.get(chat)
+            if decision is None:
+                decision = decide(machines, chat, wait_s=wait_s, load=load)
             waiter.decision = decision
             if decision.action == "run":
                 assert decision.proxy_id is not None
                 running[decision.proxy_id] += 1  # the younger ones see it taken
                 self.granted(waiter.task, decision.proxy_id)  # and so does the next pump
                 waiter.done.set()
+                waits.clear()
             elif decision.action == "refuse":
                 waiter.done.set()
             else:
-                key = decision.proxy_id or self.chat_for(waiter.task).mode.target
                 if decision.proxy_id is not None:
                     queued[decision.proxy_id] += 1
+                    waits.clear()  # a machine's queue grew: its load changed
+                else:
+                    waits[chat] = decision
+                key = decision.proxy_id or chat.mode.target
                 places[key] += 1
                 waiter.place = places[key]
         self.changed.set()
@@ -243,9 +282,12 @@ class Admission:
         return sum(1 for w in self._waiting.values() if not w.done.is_set())
 
     async def watch(self) -> None:
-        """Decide again whenever a proxy comes, goes, or changes health or load."""
+        """Decide again whenever a proxy comes, goes, or changes health or load;
+        refresh the fleet's state every `SNAPSHOT_S` meanwhile."""
         while True:
-            await self._hub.wait_change()
+            with trio.move_on_after(SNAPSHOT_S):
+                await self._hub.wait_change()
+            self.machines(fresh=True)
             if self._waiting:
                 self.pump()
 

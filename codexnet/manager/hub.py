@@ -168,6 +168,7 @@ class Hub:
         self.listener: HubListener = _NoListener()
         self.online: dict[str, ProxyConn] = {}
         self._seen: dict[str, ProxyConn] = {}  # the last connection of each proxy (labels)
+        self.version = 0  # bumped on every change the scheduler cares about
         self.offline_since: dict[str, float] = {}  # wall clock; from our start if never seen
         self._online_changed = trio.Event()
         self.port = 0  # the bound port, once serving
@@ -230,6 +231,7 @@ class Hub:
         await self._online_changed.wait()
 
     def _notify_online_changed(self) -> None:
+        self.version += 1
         self._online_changed.set()
         self._online_changed = trio.Event()
 

@@ -22,7 +22,8 @@ The rules (docs/ARCHITECTURE.md, "Scheduling"):
   asked to pick one (guessing would start a conversation where they did not
   mean it).
 
-A machine is *full* when running + queued ≥ capacity: a task never makes a
+A machine is *full* when running + queued ≥ capacity (its own counts plus
+the `Load` given with the fleet): a task never makes a
 machine run more than its capacity, and extra tasks wait at the manager.
 """
 
@@ -54,13 +55,31 @@ class Machine:
     unhealthy: str | None = None  # why it is not chosen for new conversations
     offline_for: float = 0.0  # seconds it has been offline (0 while online)
 
-    @property
-    def full(self) -> bool:
-        return self.running + self.queued >= max(1, self.capacity)
 
-    @property
-    def load(self) -> float:
-        return (self.running + self.queued) / max(1, self.capacity)
+@attrs.frozen
+class Load:
+    """Counts on top of each `Machine`'s own (the manager keeps them apart, so a
+    decision over 1 000 machines does not copy 1 000 records)."""
+
+    running: Mapping[str, int] = attrs.Factory(dict)
+    queued: Mapping[str, int] = attrs.Factory(dict)
+    recent: Mapping[str, int] = attrs.Factory(dict)
+
+    def busy(self, m: Machine) -> int:
+        return (
+            m.running + m.queued + self.running.get(m.proxy_id, 0) + self.queued.get(m.proxy_id, 0)
+        )
+
+    def full(self, m: Machine) -> bool:
+        return self.busy(m) >= max(1, m.capacity)
+
+    def key(self, m: Machine) -> tuple[float, int, str]:
+        """Least loaded first; ties: fewest recent tasks, then the smallest id."""
+        recent = m.recent + self.recent.get(m.proxy_id, 0)
+        return (self.busy(m) / max(1, m.capacity), recent, m.proxy_id)
+
+
+NO_LOAD: Final = Load()
 
 
 @attrs.frozen
@@ -161,27 +180,29 @@ def members(fleet: Mapping[str, Machine], mode: Mode) -> list[Machine]:
     return list(fleet.values())
 
 
-def least_loaded(candidates: Iterable[Machine]) -> Machine | None:
+def least_loaded(candidates: Iterable[Machine], load: Load = NO_LOAD) -> Machine | None:
     best: Machine | None = None
     best_key: tuple[float, int, str] | None = None
     for m in candidates:
-        key = (m.load, m.recent, m.proxy_id)
+        key = load.key(m)
         if best_key is None or key < best_key:
             best, best_key = m, key
     return best
 
 
-def decide(fleet: Mapping[str, Machine], chat: Chat, *, wait_s: float) -> Decision:
+def decide(
+    fleet: Mapping[str, Machine], chat: Chat, *, wait_s: float, load: Load = NO_LOAD
+) -> Decision:
     mode = chat.mode
     if mode.kind == "pinned":
         assert mode.proxy_id is not None
-        return _on_machine(fleet, mode.proxy_id, "chosen for this chat")
+        return _on_machine(fleet, load, mode.proxy_id, "chosen for this chat")
     if mode.kind == "unset":
         if chat.current is not None and chat.current in fleet:
-            return _on_machine(fleet, chat.current, "chosen for this chat")
+            return _on_machine(fleet, load, chat.current, "chosen for this chat")
         online = [m for m in fleet.values() if m.online]
         if len(online) == 1:
-            return _on_machine(fleet, online[0].proxy_id, "the only proxy online")
+            return _on_machine(fleet, load, online[0].proxy_id, "the only proxy online")
         if not online:
             return Decision(
                 "wait", why="No proxy is online right now. Start one, then try again.", offline=True
@@ -190,31 +211,28 @@ def decide(fleet: Mapping[str, Machine], chat: Chat, *, wait_s: float) -> Decisi
         return Decision(
             "refuse", why=f"Several proxies are online ({names}). Pick one with /use <proxy>."
         )
-    return _in_pool(fleet, chat, wait_s)
+    return _in_pool(fleet, load, chat, wait_s)
 
 
-def _on_machine(fleet: Mapping[str, Machine], proxy_id: str, why: str) -> Decision:
+def _on_machine(fleet: Mapping[str, Machine], load: Load, proxy_id: str, why: str) -> Decision:
     machine = fleet.get(proxy_id)
     if machine is None:
         return Decision("refuse", why=f"⚠️ proxy {proxy_id} is not configured")
     if not machine.online:
         return Decision("wait", proxy_id, f"⚠️ proxy {proxy_id} is offline", offline=True)
-    if machine.full:
+    if load.full(machine):
         return Decision("wait", proxy_id, f"all {machine.capacity} slots of {proxy_id} are busy")
     return Decision("run", proxy_id, why)
 
 
-def _in_pool(fleet: Mapping[str, Machine], chat: Chat, wait_s: float) -> Decision:
+def _in_pool(fleet: Mapping[str, Machine], load: Load, chat: Chat, wait_s: float) -> Decision:
     mode = chat.mode
-    pool = members(fleet, mode)
-    if not pool:
-        labels = ", ".join(sorted(mode.labels))
-        return Decision("refuse", why=f"⚠️ No machine has the labels {labels}.")
+    wanted = mode.labels if mode.kind == "pool" else None
     moved_from: str | None = None
     current = fleet.get(chat.current) if chat.current is not None else None
-    if current is not None and current in pool:
+    if current is not None and (wanted is None or wanted <= current.labels):
         if current.online:
-            return _on_machine(fleet, current.proxy_id, "this conversation lives there")
+            return _on_machine(fleet, load, current.proxy_id, "this conversation lives there")
         if current.offline_for < wait_s:
             return Decision(
                 "wait",
@@ -224,18 +242,51 @@ def _in_pool(fleet: Mapping[str, Machine], chat: Chat, wait_s: float) -> Decisio
                 recheck_in=wait_s - current.offline_for,
             )
         moved_from = current.proxy_id  # gone too long: a new conversation elsewhere
-    eligible = [m for m in pool if m.online and m.unhealthy is None]
+    # One pass over the fleet (this is the decision that must stay cheap with
+    # a thousand machines): the pool, who of it may take a new conversation,
+    # and the least loaded of those with a free slot.
+    running, queued, recent = load.running, load.queued, load.recent
+    in_pool = eligible = 0
+    unhealthy: list[Machine] = []
+    best: Machine | None = None
+    best_ratio, best_recent, best_id = 2.0, 0, ""
+    for m in fleet.values():
+        if wanted is not None and not wanted <= m.labels:
+            continue
+        in_pool += 1
+        if not m.online:
+            continue
+        if m.unhealthy is not None:
+            unhealthy.append(m)
+            continue
+        eligible += 1
+        pid = m.proxy_id
+        busy = m.running + m.queued
+        if running:
+            busy += running.get(pid, 0)
+        if queued:
+            busy += queued.get(pid, 0)
+        capacity = m.capacity if m.capacity > 0 else 1
+        if busy >= capacity:
+            continue
+        ratio = busy / capacity
+        if ratio > best_ratio:
+            continue
+        lately = m.recent + recent.get(pid, 0) if recent else m.recent
+        if ratio < best_ratio or (lately, pid) < (best_recent, best_id):
+            best, best_ratio, best_recent, best_id = m, ratio, lately, pid
+    if not in_pool:
+        labels = ", ".join(sorted(mode.labels))
+        return Decision("refuse", why=f"⚠️ No machine has the labels {labels}.")
     if not eligible:
         what = mode.target if mode.kind == "pool" else "any machine"
-        unhealthy = [m for m in pool if m.online and m.unhealthy is not None]
         if unhealthy:
             reasons = "; ".join(f"{m.proxy_id}: {m.unhealthy}" for m in unhealthy[:3])
             why = f"⚠️ no healthy machine for {what} ({reasons})"
         else:
             why = f"⚠️ no machine for {what} is online"
         return Decision("wait", why=why, offline=True)
-    best = least_loaded(m for m in eligible if not m.full)
     if best is None:
         return Decision("wait", why=f"all machines for {mode.target} are busy")
-    how = "the least-loaded machine" if len(eligible) > 1 else "the only machine available"
+    how = "the least-loaded machine" if eligible > 1 else "the only machine available"
     return Decision("run", best.proxy_id, how, moved_from=moved_from)

@@ -28,6 +28,7 @@ are imported once and renamed `*.imported`.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -316,6 +317,9 @@ class ManagerStore:
         # own conversation on every step: that must not cost a scan of all).
         self._by_conversation: dict[ConversationKey, dict[str, TaskRecord]] = {}
         self._by_run: dict[str, dict[str, TaskRecord]] = {}  # /all runs' tasks
+        # Tasks each proxy has been given (sent or acked) and not finished: the
+        # manager's own count of its load, for the scheduler.
+        self.running: collections.Counter[str] = collections.Counter()
         self.done: set[str] = set()  # done within DONE_KEEP_DAYS: late results are dropped
         # Updates that became tasks: one redelivered after a crash is not run twice.
         self.updates: set[int] = set()
@@ -418,6 +422,8 @@ class ManagerStore:
                 self.updates.add(task.update_id)
             task.persisted.set()
             self._remember(task)
+            if task.state in ("sent", "acked") and task.proxy_id is not None:
+                self.running[task.proxy_id] += 1
         for row in conn.execute(
             "SELECT task_id, idx, kind, file_id, name, size, update_id, sha256 FROM attachments"
             " ORDER BY task_id, idx"
@@ -600,8 +606,19 @@ class ManagerStore:
             self.updates.add(update_id)
         return task
 
+    def _running_now(self, task: TaskRecord, proxy_id: str) -> None:
+        if task.state == "queued":
+            self.running[proxy_id] += 1
+
+    def _not_running(self, task: TaskRecord) -> None:
+        if task.state in ("sent", "acked") and task.proxy_id is not None:
+            self.running[task.proxy_id] -= 1
+            if self.running[task.proxy_id] <= 0:
+                del self.running[task.proxy_id]
+
     def assign(self, task: TaskRecord, proxy_id: str, thread_id: str | None) -> None:
         """Dispatch a task not yet stored: `add_task` then writes it as sent."""
+        self._running_now(task, proxy_id)
         task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
         task.dispatched = time.time()
         self._settle(task, proxy_id)
@@ -653,6 +670,7 @@ class ManagerStore:
             # power cut only means the update comes again, with the same task id.
             await self.db.write(fn)
         except BaseException:
+            self._not_running(task)
             self._forget(task)
             if task.update_id is not None:
                 self.updates.discard(task.update_id)
@@ -661,6 +679,7 @@ class ManagerStore:
 
     async def mark_dispatched(self, task: TaskRecord, proxy_id: str, thread_id: str | None) -> None:
         """Committed before the task frame is sent: the task belongs to `proxy_id` from now on."""
+        self._running_now(task, proxy_id)
         task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
         task.dispatched = time.time()
         self._settle(task, proxy_id)
@@ -751,6 +770,7 @@ class ManagerStore:
         In the same transaction the conversation remembers the thread the task
         ran on, and sticks to its proxy.
         """
+        self._not_running(task)
         task.state, task.outcome, task.finished = "finished", outcome, time.time()
         key = task.conversation
         conv = self.conversation(key)
@@ -797,6 +817,7 @@ class ManagerStore:
 
         `parts`: the count of parts sent, when the last one is counted here too.
         """
+        self._not_running(task)
         task.state = "done"
         if parts is not None:
             task.parts_sent = parts
