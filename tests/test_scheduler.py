@@ -205,3 +205,16 @@ def test_an_all_task_is_pinned_to_its_machine() -> None:
     machines = fleet(m("a", capacity=1, running=1), m("b"))
     d = decide(machines, Chat(Mode("pinned", proxy_id="a"), fresh=True), wait_s=WAIT_S)
     assert (d.action, d.proxy_id) == ("wait", "a")
+
+
+def test_an_ordered_fleet_gives_the_same_answers_sooner() -> None:
+    machines = fleet(
+        m("a", "linux", running=1, capacity=1),
+        m("b", "linux", recent=1),
+        m("c", "linux"),
+        m("d", "linux"),
+    )
+    for mode in (POOL_LINUX, AUTO):
+        plain = decide(machines, Chat(mode), wait_s=WAIT_S)
+        ordered = decide(machines, Chat(mode), wait_s=WAIT_S, ordered=True)
+        assert plain.proxy_id == ordered.proxy_id == "c"

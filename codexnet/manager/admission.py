@@ -125,7 +125,7 @@ class Admission:
                 recent.popleft()
                 self._recent_n[proxy_id] -= 1
         fleet: dict[str, Machine] = {}
-        for proxy_id in self._hub.known():
+        for proxy_id in self._hub.known():  # in id order (`decide(..., ordered=True)`)
             conn = self._hub.online.get(proxy_id)
             since = self._hub.offline_since.get(proxy_id)
             fleet[proxy_id] = Machine(
@@ -167,6 +167,7 @@ class Admission:
             self.chat_for(task),
             wait_s=self._config.proxy_wait_s,
             load=self.load(),
+            ordered=True,
         )
 
     def granted(self, task: TaskRecord, proxy_id: str) -> None:
@@ -245,7 +246,7 @@ class Admission:
             chat = self.chat_for(waiter.task)
             decision = waits.get(chat)
             if decision is None:
-                decision = decide(machines, chat, wait_s=wait_s, load=load)
+                decision = decide(machines, chat, wait_s=wait_s, load=load, ordered=True)
             waiter.decision = decision
             if decision.action == "run":
                 assert decision.proxy_id is not None

@@ -191,8 +191,15 @@ def least_loaded(candidates: Iterable[Machine], load: Load = NO_LOAD) -> Machine
 
 
 def decide(
-    fleet: Mapping[str, Machine], chat: Chat, *, wait_s: float, load: Load = NO_LOAD
+    fleet: Mapping[str, Machine],
+    chat: Chat,
+    *,
+    wait_s: float,
+    load: Load = NO_LOAD,
+    ordered: bool = False,
 ) -> Decision:
+    """`ordered`: `fleet` iterates in id order, so the first idle machine of a pool
+    (nothing running, queued or lately given) is the least loaded at once."""
     mode = chat.mode
     if mode.kind == "pinned":
         assert mode.proxy_id is not None
@@ -211,7 +218,7 @@ def decide(
         return Decision(
             "refuse", why=f"Several proxies are online ({names}). Pick one with /use <proxy>."
         )
-    return _in_pool(fleet, load, chat, wait_s)
+    return _in_pool(fleet, load, chat, wait_s, ordered)
 
 
 def _on_machine(fleet: Mapping[str, Machine], load: Load, proxy_id: str, why: str) -> Decision:
@@ -225,7 +232,9 @@ def _on_machine(fleet: Mapping[str, Machine], load: Load, proxy_id: str, why: st
     return Decision("run", proxy_id, why)
 
 
-def _in_pool(fleet: Mapping[str, Machine], load: Load, chat: Chat, wait_s: float) -> Decision:
+def _in_pool(
+    fleet: Mapping[str, Machine], load: Load, chat: Chat, wait_s: float, ordered: bool
+) -> Decision:
     mode = chat.mode
     wanted = mode.labels if mode.kind == "pool" else None
     moved_from: str | None = None
@@ -275,6 +284,8 @@ def _in_pool(fleet: Mapping[str, Machine], load: Load, chat: Chat, wait_s: float
         lately = m.recent + recent.get(pid, 0) if recent else m.recent
         if ratio < best_ratio or (lately, pid) < (best_recent, best_id):
             best, best_ratio, best_recent, best_id = m, ratio, lately, pid
+            if ordered and ratio == 0 and lately == 0:
+                break  # no machine after it can beat (0, 0, a smaller id)
     if not in_pool:
         labels = ", ".join(sorted(mode.labels))
         return Decision("refuse", why=f"⚠️ No machine has the labels {labels}.")
