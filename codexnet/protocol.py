@@ -234,9 +234,27 @@ def _structure_float(value: Any, _: type) -> float:
     return float(value)
 
 
+def unsafe(text: str) -> bool:
+    """True if `text` holds NUL or a lone surrogate.
+
+    Without a regex over the whole text (~6 ns a character, 0.6 ms for a
+    100 kB answer): an ASCII string cannot hold a surrogate, and UTF-8
+    encoding (C speed) fails on one.
+    """
+    if "\x00" in text:
+        return True
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def scrub(text: str) -> str:
     """`text` with NUL and lone surrogates replaced by U+FFFD (a no-op for sane text)."""
-    return _UNSAFE_CHAR.sub("\ufffd", text) if _UNSAFE_CHAR.search(text) else text
+    return _UNSAFE_CHAR.sub("\ufffd", text) if unsafe(text) else text
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
@@ -267,17 +285,21 @@ def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
     """True if JSON `text` nests arrays/objects deeper than `limit`, found without recursion.
 
     Brackets inside strings do not count. Almost every frame has fewer
-    brackets than `limit` in all and is answered by two `count`s.
+    brackets than `limit` in all and is answered by two `count`s; the rest
+    (code in an answer) by string methods at C speed: drop the escaped
+    backslashes and quotes, split at the quotes, keep what lies outside.
     """
     if text.count("[") + text.count("{") <= limit:
         return False
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    if len(brackets) <= limit:
+    if '\\"' in text:  # escaped quotes (and the escaped backslashes before a quote)
+        text = text.replace("\\\\", "").replace('\\"', "")
+    outside = "".join(text.split('"')[::2])
+    if outside.count("[") + outside.count("{") <= limit:
         return False
+    brackets = _NOT_BRACKET.sub("", outside)
     return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > limit
 
 
-_JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -293,6 +315,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Made once: `json.loads(raw, parse_float=...)` would build a decoder per frame.
+_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _show(value: object, limit: int = 40) -> str:
     """A peer's value for an error message: short, one line, ASCII."""
     text = repr(value)
@@ -306,7 +332,7 @@ Check = Callable[[Any], str | None]
 
 
 def _text(value: str) -> str | None:
-    if _UNSAFE_CHAR.search(value):
+    if unsafe(value):
         return "contains NUL or a lone surrogate"
     return None
 
@@ -468,7 +494,7 @@ def _decode(raw: str | bytes, union: Any) -> Any:
     if too_deep(raw):
         raise ProtocolError(f"nested deeper than {MAX_DEPTH} levels")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = _JSON.decode(raw)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"not JSON: {_ascii(str(exc))}") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):

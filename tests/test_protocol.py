@@ -126,6 +126,8 @@ def test_every_field_of_every_frame_is_validated(cls: type) -> None:
         ('{"a": "' + "[" * 1000 + '"}', False),  # brackets in a string are text
         ('{"a": "\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": ' + "[" * 20 + "]" * 20 + "}", True),
         ("[{}]" * 10_000, False),  # many brackets, shallow
+        ('{"a": "x\\\\", "b": ' + "[" * 20 + "]" * 20 + "}", True),  # an escaped backslash
+        ('{"a": "\\\\\\"' + "[" * 20 + '"}', False),  # \\ then \" inside the string
     ],
 )
 def test_nesting_depth_is_measured_without_recursion(text: str, deep: bool) -> None:
