@@ -40,6 +40,7 @@ CHOICES: Final = {
     "n": ("decline", "🚫 Denied"),
 }
 STALE: Final = "This request is no longer pending."
+NOT_HERE: Final = "This button belongs to another chat."
 ENDED: Final = "The task ended before an answer."
 
 SendDecision = Callable[[ApprovalRecord], Awaitable[None]]
@@ -195,7 +196,7 @@ class Approvals:
             log.warning(
                 "approval button of chat %s pressed in chat %s: refused", approval.chat_id, chat
             )
-            self._replies.toast(query, STALE)
+            self._replies.toast(query, NOT_HERE)
             return
         decision, label = CHOICES[choice]
         task = self._store.tasks.get(approval.task_id)
