@@ -6,7 +6,8 @@ URLs at INFO. Two defences, both always on:
 1. the `httpx` and `httpcore` loggers are raised to WARNING;
 2. a filter on every root handler formats each record and replaces any secret it
    knows about (registered with `register_secret`) and anything shaped like a bot
-   token with `<redacted>`, so even a stray `log.info("%s", url)` cannot leak one.
+   token with `<redacted>`, so even a stray `log.info("%s", url)` cannot leak one
+   (`codexnet/redaction.py`: one pass per line, whatever the number of secrets).
 
 Under systemd, stderr is a journald stream (`$JOURNAL_STREAM` names it): then
 lines carry no timestamp of our own (journald adds one) and start with a
@@ -19,34 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-import threading
 from collections.abc import Mapping
 from typing import Final
 
-REDACTED: Final = "<redacted>"
-# `bot<digits>:<secret>` as it appears in Bot API URLs, and bare `<digits>:<secret>` tokens.
-_BOT_TOKEN_RE: Final = re.compile(r"\b(bot)?\d{3,}:[A-Za-z0-9_-]{20,}")
-
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-
-
-def register_secret(secret: str | None) -> None:
-    """Make `secret` unloggable from now on (short strings are ignored: too many false hits)."""
-    if secret and len(secret) >= 6:
-        with _secrets_lock:
-            _secrets.add(secret)
-
-
-def redact(text: str) -> str:
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return _BOT_TOKEN_RE.sub(REDACTED, text)
+# Re-exported: the rest of codexnet registers and redacts through this module.
+from codexnet.redaction import REDACTED as REDACTED
+from codexnet.redaction import redact as redact
+from codexnet.redaction import register_secret as register_secret
 
 
 class RedactingFilter(logging.Filter):
