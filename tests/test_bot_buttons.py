@@ -165,14 +165,14 @@ async def test_a_use_button_works_only_in_the_chat_it_was_offered_in(
 
 
 async def test_keys_differ_for_every_task(telegram: FakeTelegram, proxy: RawProxy) -> None:
-    keys = set()
-    for n in range(3):
-        chat = USER + n
-        prompt = f"task {n}"
+    chats = [USER + n for n in range(3)]
+    for chat in chats:
         telegram.add_chat(chat)
-        telegram.push_message(chat, prompt, user_id=USER)
+        telegram.push_message(chat, f"task in {chat}", user_id=USER)
+    for _ in chats:
         with trio.fail_after(5):
-            task = await proxy.expect(Task, lambda t: bool(t.prompt == prompt))  # noqa: B023
-        await proxy.send(TaskAck(task.task_id))
+            await proxy.send(TaskAck((await proxy.expect(Task)).task_id))
+    keys = set()
+    for chat in chats:
         keys.update(buttons(await bot_message(telegram, chat, "Working on it")))
     assert len(keys) == 3

@@ -148,12 +148,8 @@ async def test_the_owners_approve_press_is_answered_and_applied_at_once(
     with trio.fail_after(5):
         await proxy.expect(Task, lambda t: t.prompt == "and now this")
     assert trio.current_time() - queued < OWNER_DEADLINE_S
-    with trio.fail_after(30):
-        await telegram.wait_until(
-            lambda: (telegram.message(GROUP, question.message_id).text or "").endswith(
-                "✅ Approved by Tester."
-            )
-        )
+    # (The question's edit to "✅ Approved by …" follows when the group's budget
+    # allows: tests/test_approvals.py.)
     assert len(refusals(telegram, GROUP)) == 1  # one for the nine
     assert telegram.stats.violations == 0
 

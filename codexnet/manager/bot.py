@@ -110,8 +110,6 @@ class Bot:
             self.username,
             len(self._config.telegram_allowed_user_ids),
         )
-        if not self._config.telegram_allowed_user_ids:
-            log.warning("telegram_allowed_user_ids is empty: the bot will refuse everybody")
 
     async def poll(self) -> None:
         """Long-poll until cancelled; on the way out confirm the offset to Telegram."""
