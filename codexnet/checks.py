@@ -116,11 +116,22 @@ def state_dir_problem(path: Path, *, create: bool) -> str | None:
 _CAN: Final = {0o4: "read", 0o2: "change", 0o6: "read and change"}
 
 
-def file_mode_problem(path: Path, secrets: list[str]) -> tuple[str, bool] | None:
+def file_mode_problem(
+    path: Path, secrets: list[str], environ: Mapping[str, str] | None = None
+) -> tuple[str, bool] | None:
     """What is wrong with who may read or change a config file holding `secrets`:
     (message, fatal), or None. World-writable is fatal: anyone on the machine
-    could put their own tokens (or `codex_bin`) in it."""
+    could put their own tokens (or `codex_bin`) in it.
+
+    A systemd credential is left alone: systemd makes it 0400 and grants the
+    service's user read access with an ACL, which shows as a group bit
+    (0440), and its directory is the service's alone. (Run `--check-config`
+    on the original file to check that one.)
+    """
     if not secrets:
+        return None
+    credentials = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if credentials and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(credentials)):
         return None
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -215,7 +226,7 @@ def check_manager(
         held.append("telegram_bot_token")
     if config.proxies:
         held.append("proxies.*.token")
-    mode = file_mode_problem(Path(source), held)
+    mode = file_mode_problem(Path(source), held, environ)
     if mode is not None:
         add("", mode[0], fatal=mode[1])
 
@@ -273,7 +284,7 @@ def check_proxy(
     source = config.source
     found: list[Finding] = []
     held = [] if environ.get("CODEXNET_PROXY_TOKEN") else ["proxy_token"]
-    mode = file_mode_problem(Path(source), held)
+    mode = file_mode_problem(Path(source), held, environ)
     if mode is not None:
         found.append(Finding(source, "", *mode))
     problem = token_problem(config.proxy_token)

@@ -7,7 +7,6 @@ the proxy with its state_dir locked by the test (exit 4).
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from codexnet.checks import file_mode_problem, plain_ws_problem
 from codexnet.statelock import hold_state_lock
 from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN
+from tests.fakes.terminal import child_env
 from tests.test_clean_failures import manager_file, proxy_file, run
 
 MANAGER_HOLDS = "holds secrets (telegram_bot_token, proxies.*.token)"
@@ -127,6 +127,21 @@ def test_which_modes_are_warned_about_or_refused(
     assert file_mode_problem(path, []) is None  # nothing secret in it: any mode
 
 
+def test_a_systemd_credential_is_left_alone(tmp_path: Path, busy_port: int) -> None:
+    # systemd makes it 0400 with an ACL for the service's user, which stat shows as 0440.
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    config = manager_file(credentials / "codex_config.json")
+    config.chmod(0o440)
+    env = child_env(CREDENTIALS_DIRECTORY=str(credentials))
+    result = run(
+        "codexnet.manager", "--config", str(config), "--check-config", cwd=tmp_path, env=env
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    # The same file outside it is warned about.
+    assert file_mode_problem(config, ["proxy_token"], {}) is not None
+
+
 def test_a_proxy_config_others_may_read_is_warned_about(tmp_path: Path, fake_codex: Path) -> None:
     config = proxy_file(tmp_path / "p.json", codex_bin=str(fake_codex))
     config.chmod(0o604)
@@ -176,7 +191,7 @@ def test_private_files_and_secrets_from_the_environment_are_fine(
     assert PROXY_TOKEN not in text
     proxy.write_text(text)
     proxy.chmod(0o644)
-    env = {**os.environ, "CODEXNET_PROXY_TOKEN": PROXY_TOKEN}
+    env = child_env(CODEXNET_PROXY_TOKEN=PROXY_TOKEN)
     result = run("codexnet.proxy", "--config", str(proxy), "--check-config", cwd=tmp_path, env=env)
     assert (result.returncode, result.stderr) == (0, "")
     assert BOT_TOKEN not in result.stdout + result.stderr
