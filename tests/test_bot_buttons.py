@@ -18,7 +18,7 @@ from codexnet.manager.service import Manager, run_manager
 from codexnet.protocol import ApprovalDecision, ApprovalRequest, Task, TaskAck, TaskCancel
 from tests.conftest import GROUP
 from tests.fakes.rawproxy import RawProxy, raw_proxy
-from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER, manager_config
+from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, STRANGER, USER, manager_config
 from tests.fakes.telegram_api import FakeTelegram, StoredMessage
 
 KEY = r"[A-Za-z0-9_-]{12}"  # 72 random bits (token_urlsafe(9))
@@ -91,8 +91,10 @@ async def test_the_cancel_button_works_only_in_its_chat(
 
     foreign = telegram.push_callback(GROUP, elsewhere.message_id, cancel, user_id=USER)
     unknown = telegram.push_callback(USER, status.message_id, "c:AAAAAAAAAAAA")
+    stranger = telegram.push_callback(GROUP, elsewhere.message_id, cancel, user_id=STRANGER)
     assert await toast_for(telegram, foreign) == NOT_HERE
     assert await toast_for(telegram, unknown) == "That task has already finished."
+    assert await toast_for(telegram, stranger) == "You are not allowed to do that."
     assert [f for f in await proxy.nothing_for(0.5) if isinstance(f, TaskCancel)] == []
 
     pressed = telegram.push_callback(USER, status.message_id, cancel)
