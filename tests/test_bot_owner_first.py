@@ -190,3 +190,22 @@ async def test_a_stranger_is_told_at_most_once_an_hour_per_chat(
     # The log names who was refused, without a line per message.
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 3, lines
+
+
+async def test_one_chats_updates_keep_their_order_while_others_run_alongside(
+    telegram: FakeTelegram, manager: Manager, proxy: RawProxy
+) -> None:
+    """One batch, two chats interleaved, each `/use <proxy>` then a prompt: each
+    prompt goes where its own chat's /use said (in order), both at once."""
+    async with raw_proxy(manager.port, "proxy2", "proxy2-secret-token-9876543210") as proxy2:
+        telegram.push_message(GROUP, "/use proxy2", user_id=USER)
+        telegram.push_message(USER, "/use proxy1")
+        telegram.push_message(GROUP, "after the group's /use", user_id=USER)
+        telegram.push_message(USER, "after the owner's /use")
+        queued = trio.current_time()
+        with trio.fail_after(5):
+            on_proxy2 = await proxy2.expect(Task)
+            on_proxy1 = await proxy.expect(Task)
+        assert trio.current_time() - queued < OWNER_DEADLINE_S
+    assert on_proxy2.prompt == "after the group's /use"
+    assert on_proxy1.prompt == "after the owner's /use"
