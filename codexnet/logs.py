@@ -6,7 +6,8 @@ URLs at INFO. Two defences, both always on:
 1. the `httpx` and `httpcore` loggers are raised to WARNING;
 2. a filter on every root handler formats each record and replaces any secret it
    knows about (registered with `register_secret`) and anything shaped like a bot
-   token with `<redacted>`, so even a stray `log.info("%s", url)` cannot leak one.
+   token with `<redacted>`, so even a stray `log.info("%s", url)` cannot leak one
+   (`codexnet/redaction.py`: one pass per line, whatever the number of secrets).
 
 Peers supply much of what is logged (a hello's `version`, ids, labels,
 Telegram names and text), and a newline in any of it would forge a log line.
@@ -28,33 +29,13 @@ import numbers
 import os
 import re
 import sys
-import threading
 from collections.abc import Mapping
 from typing import Final
 
-REDACTED: Final = "<redacted>"
-# `bot<digits>:<secret>` as it appears in Bot API URLs, and bare `<digits>:<secret>` tokens.
-_BOT_TOKEN_RE: Final = re.compile(r"\b(bot)?\d{3,}:[A-Za-z0-9_-]{20,}")
-
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-
-
-def register_secret(secret: str | None) -> None:
-    """Make `secret` unloggable from now on (short strings are ignored: too many false hits)."""
-    if secret and len(secret) >= 6:
-        with _secrets_lock:
-            _secrets.add(secret)
-
-
-def redact(text: str) -> str:
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return _BOT_TOKEN_RE.sub(REDACTED, text)
-
+# Re-exported: the rest of codexnet registers and redacts through this module.
+from codexnet.redaction import REDACTED as REDACTED
+from codexnet.redaction import redact as redact
+from codexnet.redaction import register_secret as register_secret
 
 # C0 controls, DEL, C1 controls, the Unicode line and paragraph separators.
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")

@@ -57,6 +57,7 @@ def manager_file(path: Path, **changes: Any) -> Path:
     }
     data.update(changes)
     path.write_text(json.dumps(data))
+    path.chmod(0o600)  # as --init writes it (a looser mode is warned about)
     return path
 
 
@@ -70,6 +71,7 @@ def proxy_file(path: Path, **changes: Any) -> Path:
     }
     data.update(changes)
     path.write_text(json.dumps(data))
+    path.chmod(0o600)  # as --init writes it (a looser mode is warned about)
     return path
 
 
