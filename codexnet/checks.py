@@ -181,6 +181,18 @@ def plain_ws_problem(url: str) -> str | None:
     )
 
 
+def open_listen_problem(host: str, port: int, *, tls: bool) -> str | None:
+    """Why a hub listening beyond this machine without TLS exposes the tokens, or None."""
+    if tls or is_loopback(host):
+        return None
+    where = "every address" if host in ("", "0.0.0.0", "::") else host
+    return (
+        f"the hub listens on {where} (port {port}) without manager_tls_cert: proxy tokens and "
+        "every prompt and answer cross the network unencrypted; set manager_tls_cert and "
+        "manager_tls_key (proxies then use wss://), or listen on 127.0.0.1 behind a tunnel"
+    )
+
+
 def pinned_codex() -> Path:
     """The codex that scripts/install.sh put into this checkout."""
     return Path(__file__).resolve().parent.parent / PINNED_CODEX
@@ -265,6 +277,10 @@ def check_manager(
                 fatal=True,
             )
         seen.setdefault(entry.token, proxy_id)
+    host, port = config.manager_ws_listen
+    listen = open_listen_problem(host, port, tls=config.manager_tls_cert is not None)
+    if listen is not None:
+        add("manager_ws_listen", listen, fatal=False)
     if state_dir != "skip":
         # Last, and nothing is created for a config that is refused anyway.
         create = state_dir == "create" and not errors(found)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from codexnet.checks import file_mode_problem, plain_ws_problem
+from codexnet.checks import file_mode_problem, open_listen_problem, plain_ws_problem
 from codexnet.statelock import hold_state_lock
 from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN
 from tests.fakes.terminal import child_env
@@ -251,3 +251,42 @@ def test_plain_ws_to_another_machine_is_warned_about(tmp_path: Path, fake_codex:
     config = proxy_file(tmp_path / "p.json", codex_bin=str(fake_codex))
     result = run("codexnet.proxy", "--config", str(config), "--check-config", cwd=tmp_path)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("host", "tls", "where"),
+    [
+        ("127.0.0.1", False, None),
+        ("::1", False, None),
+        ("localhost", False, None),
+        ("10.0.0.2", True, None),
+        ("0.0.0.0", True, None),
+        ("0.0.0.0", False, "every address"),
+        ("::", False, "every address"),
+        ("10.0.0.2", False, "10.0.0.2"),
+        ("manager.example.org", False, "manager.example.org"),
+    ],
+)
+def test_a_hub_listening_beyond_this_machine_without_tls_is_a_problem(
+    host: str, tls: bool, where: str | None
+) -> None:
+    problem = open_listen_problem(host, 8765, tls=tls)
+    if where is None:
+        assert problem is None
+    else:
+        assert (problem or "").startswith(f"the hub listens on {where} (port 8765) without")
+
+
+def test_a_hub_listening_beyond_this_machine_without_tls_is_warned_about(
+    tmp_path: Path, busy_port: int
+) -> None:
+    config = manager_file(tmp_path / "c.json", manager_ws_listen=f"0.0.0.0:{busy_port}")
+    warning = (
+        f"{config}: manager_ws_listen: the hub listens on every address (port {busy_port}) "
+        "without manager_tls_cert: proxy tokens and every prompt and answer cross the network "
+        "unencrypted; set manager_tls_cert and manager_tls_key (proxies then use wss://), or "
+        "listen on 127.0.0.1 behind a tunnel"
+    )
+    result = run("codexnet.manager", "--config", str(config), "--check-config", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [f"WARNING: {warning}"]
