@@ -38,6 +38,7 @@ from codexnet.protocol import (
     CancelAck,
     DecisionAck,
     FileFetch,
+    FilePart,
     FileRef,
     Hello,
     ProxyFrame,
@@ -199,6 +200,11 @@ class Dispatcher:
             return
         task = self._store.tasks.get(task_id)
         if task is None:
+            if isinstance(frame, FileFetch):
+                # Ended here meanwhile (withdrawn, say): its files are gone for good.
+                error = "the manager no longer has this task"
+                await conn.send(FilePart(task_id, frame.index, frame.offset, error=error))
+                return
             if isinstance(frame, TaskResult):
                 # Finished long ago (a late duplicate) or never ours: the proxy may let it go.
                 log.debug("result for a task not open here: %s", task_id)
