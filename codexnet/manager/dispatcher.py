@@ -14,7 +14,10 @@ manager and its proxies (docs/ARCHITECTURE.md, "Delivery"):
 * `task_cancel` and `approval_decision` are kept until `cancel_ack` /
   `decision_ack` and re-sent on every reconnect;
 * every frame naming a task is checked against the task's owner: a proxy
-  can only speak for its own tasks.
+  can only speak for its own tasks;
+* at most `max_open_approvals` questions of one task wait in its chat: a
+  further new request is declined at once (one WARNING per task), so a
+  runaway or hostile proxy cannot flood the chat with buttons.
 
 Conversations (`conversation.py`) decide when a task is dispatched and what
 the chat sees; the dispatcher only moves state and frames.
@@ -33,6 +36,8 @@ from codexnet.db import StateError
 from codexnet.manager.hub import Hub, ProxyConn
 from codexnet.manager.store import ApprovalRecord, ManagerStore, Outcome, TaskRecord
 from codexnet.protocol import (
+    CLOSE_FOREIGN,
+    MAX_FILE_NAME_CHARS,
     ApprovalDecision,
     ApprovalRequest,
     CancelAck,
@@ -55,6 +60,7 @@ from codexnet.protocol import (
 log = logging.getLogger(__name__)
 
 FOREIGN_LOG_EVERY_S: Final = 60.0
+FOREIGN_CLOSE_AFTER: Final = 5  # frames for other proxies' tasks before the link is closed
 
 ApprovalHandler = Callable[[TaskRecord, ApprovalRequest], Awaitable[None]]
 FileFetchHandler = Callable[[ProxyConn, TaskRecord, FileFetch], Awaitable[None]]
@@ -66,17 +72,21 @@ async def _no_approvals(task: TaskRecord, request: ApprovalRequest) -> None:
 
 
 class Dispatcher:
-    def __init__(self, store: ManagerStore, hub: Hub) -> None:
+    def __init__(self, store: ManagerStore, hub: Hub, *, max_open_approvals: int = 3) -> None:
         self._store = store
         self._hub = hub
+        # The approval handler stores each question it asks (state "open")
+        # before it returns: that is what the cap counts.
         self.on_approval: ApprovalHandler = _no_approvals
-        # The workspace (manager/workspace.py): a task's files, and answers to questions.
+        self.max_open_approvals = max_open_approvals
+        # The workspace (machine_requests.py): a task's files, and answers to questions.
         self.on_file_fetch: FileFetchHandler | None = None
         self.on_reply: ReplyHandler | None = None
         self.on_online: Callable[[str], None] = lambda proxy_id: None
         self.workdirs: dict[str, str] = {}  # proxy → its codex_cwd (from its hello)
         self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
+        self._flood_logged: set[str] = set()  # tasks whose surplus approvals were logged
         hub.listener = self
 
     # ------------------------------------------------------------------ outgoing
@@ -97,6 +107,7 @@ class Dispatcher:
         if task.state in ("finished", "done"):
             return
         await self._store.mark_finished(task, outcome)
+        self._flood_logged.discard(task.task_id)
         task.poke()
 
     async def request_cancel(self, task: TaskRecord) -> None:
@@ -118,7 +129,7 @@ class Dispatcher:
         files = [
             FileRef(
                 a.index,
-                a.name,
+                a.name[:MAX_FILE_NAME_CHARS],  # the proxy shortens it further
                 a.size,
                 a.sha256 or "",
                 "photo" if a.kind == "photo" else "document",
@@ -155,6 +166,16 @@ class Dispatcher:
         for task in mine:
             if task.state == "sent":
                 await conn.send(self._task_frame(task))
+            elif task.state == "acked" and task.task_id not in held and conn.took_over:
+                # The connection this one replaced stopped answering but may
+                # still be a live proxy holding the task (one config started
+                # twice): not failed on this hello's word; its deadline ends it.
+                log.info(
+                    "task %s: not listed by proxy %r's new connection; it replaced one "
+                    "that may still hold it",
+                    task.task_id,
+                    conn.proxy_id,
+                )
             elif task.state == "acked" and task.task_id not in held:
                 log.warning(
                     "task %s: proxy %r no longer has it (its state was reset?)",
@@ -213,7 +234,7 @@ class Dispatcher:
                 log.debug("%s for a task not open here: %s", frame.type, task_id)
             return
         if task.proxy_id != conn.proxy_id:
-            self._foreign(conn, task, frame)
+            await self._foreign(conn, task, frame)
             return
         if isinstance(frame, TaskAck):
             if task.state == "sent":
@@ -224,7 +245,7 @@ class Dispatcher:
                 task.poke()
         elif isinstance(frame, ApprovalRequest):
             if task.state in ("sent", "acked"):
-                await self.on_approval(task, frame)
+                await self._approval_request(conn, task, frame)
         elif isinstance(frame, FileFetch):
             if self.on_file_fetch is not None:
                 await self.on_file_fetch(conn, task, frame)
@@ -244,6 +265,29 @@ class Dispatcher:
                 approval.decision_acked = True
                 await self._store.save_approval(approval, wait=False)
                 task.poke()
+
+    async def _approval_request(
+        self, conn: ProxyConn, task: TaskRecord, request: ApprovalRequest
+    ) -> None:
+        """Ask (once per approval id), unless the task has its fill of open questions."""
+        if self._store.approval(task.task_id, request.approval_id) is None:
+            waiting = [a for a in self._store.approvals_of(task.task_id) if a.state == "open"]
+            if len(waiting) >= self.max_open_approvals:
+                # Not stored: should the decline be lost, the proxy asks again
+                # after its reconnect and is answered the same way (or asked,
+                # if a question was answered meanwhile).
+                if task.task_id not in self._flood_logged:
+                    self._flood_logged.add(task.task_id)
+                    log.warning(
+                        "task %s: proxy %r asks for more than %d approvals at once "
+                        "(max_open_approvals_per_task); declining the extra ones",
+                        task.task_id,
+                        conn.proxy_id,
+                        self.max_open_approvals,
+                    )
+                await conn.send(ApprovalDecision(task.task_id, request.approval_id, "decline"))
+                return
+        await self.on_approval(task, request)
 
     async def _store_result(self, conn: ProxyConn, task: TaskRecord, frame: TaskResult) -> None:
         if task.state in ("sent", "acked"):
@@ -287,8 +331,18 @@ class Dispatcher:
             task.step = event.text
         return True
 
-    def _foreign(self, conn: ProxyConn, task: TaskRecord, frame: ProxyFrame) -> None:
-        """A proxy spoke for a task it does not own: drop it, say so (rate-limited)."""
+    async def _foreign(self, conn: ProxyConn, task: TaskRecord, frame: ProxyFrame) -> None:
+        """A proxy spoke for a task it does not own: drop it, say so (rate-limited);
+        after FOREIGN_CLOSE_AFTER such frames the connection is closed."""
+        conn.foreign_frames += 1
+        if conn.foreign_frames >= FOREIGN_CLOSE_AFTER:
+            log.warning(
+                "proxy %r sent %d frames for other proxies' tasks: disconnecting it",
+                conn.proxy_id,
+                conn.foreign_frames,
+            )
+            await conn.refuse(CLOSE_FOREIGN, "frames for tasks of another proxy")
+            return
         now = time.monotonic()
         if now - self._foreign_logged.get(conn.proxy_id, -FOREIGN_LOG_EVERY_S) >= (
             FOREIGN_LOG_EVERY_S

@@ -106,8 +106,8 @@ async def run_manager(
         httpx.AsyncClient(transport=transport, limits=HTTP_LIMITS) as http,
         trio.open_nursery() as nursery,
     ):
-        hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
-        dispatcher = Dispatcher(store, hub)
+        hub = Hub.for_config(config)
+        dispatcher = Dispatcher(store, hub, max_open_approvals=config.max_open_approvals_per_task)
         dispatcher.nursery = nursery
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)
         outbox = Outbox(tg)

@@ -38,18 +38,22 @@ from typing import Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, HandshakeError, WebSocketConnection
 
 import codexnet
 from codexnet.backoff import backoff
-from codexnet.cli import first_leaf
+from codexnet.cli import find_leaf, first_leaf
 from codexnet.config import ProxyConfig
 from codexnet.db import StateError
 from codexnet.events import wait_first
 from codexnet.protocol import (
+    CLOSE_DUPLICATE,
+    CLOSE_FOREIGN,
     CLOSE_PROTOCOL_VERSION,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_PROXY,
+    ID_RE,
+    MAX_VERSION_CHARS,
     PROTOCOL_VERSION,
     ApprovalDecision,
     ApprovalRequest,
@@ -69,8 +73,10 @@ from codexnet.protocol import (
     TaskEvent,
     TaskResult,
     Welcome,
+    check_frame,
     decode_manager_frame,
     encode,
+    usable_usage,
 )
 from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn, TurnSettings
 from codexnet.proxy.incoming import FetchFailed, Incoming, files_notice, prompt_with_files
@@ -85,9 +91,13 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S: Final = 15.0
 RECONNECT_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# Refused because this id is connected already (the same config started twice)
+# or for speaking for another proxy's tasks: coming back fast cannot help.
+REFUSED_BACKOFF_S: Final = (60.0, 120.0, 300.0)
 RECONNECT_AFTER_DROP_S: Final = 0.5
 FORWARD_INTERVAL_S: Final = 0.3  # at most ~3 event batches per second per task
 FATAL_CLOSE_CODES: Final = {CLOSE_UNAUTHORIZED, CLOSE_UNKNOWN_PROXY, CLOSE_PROTOCOL_VERSION}
+HELD_OFF_CLOSE_CODES: Final = {CLOSE_DUPLICATE, CLOSE_FOREIGN}
 
 
 class ProxyRefused(Exception):
@@ -184,9 +194,11 @@ class ProxyService:
 
     async def _connect_loop(self, tasks: trio.Nursery) -> None:
         failures = 0
+        held_off_times = 0
         while True:
             refused: str | None = None
             had_session = False
+            held_off = False
             try:
                 async with connect_websocket(
                     self._config.manager_ws, ssl_context=self._ssl_context
@@ -194,6 +206,7 @@ class ProxyService:
                     await self._session(ws, tasks)
             except* ConnectionClosed as group:
                 refused = _refusal(group)
+                held_off = _close_code(group) in HELD_OFF_CLOSE_CODES
                 log.warning("connection to the manager closed: %s", _close_reason(group))
             except* (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
                 log.warning(
@@ -209,6 +222,13 @@ class ProxyService:
                 self.connected = trio.Event()
             if refused is not None:
                 raise ProxyRefused(refused)
+            if held_off:
+                delay = backoff(REFUSED_BACKOFF_S, held_off_times)
+                held_off_times += 1
+                log.warning("retrying in %.0f s", delay)
+                await trio.sleep(delay * random.uniform(0.9, 1.1))
+                continue
+            held_off_times = 0
             if had_session:
                 # A link that worked just broke: come back at once (what it
                 # carried is replayed), spread over a moment for a whole fleet.
@@ -237,8 +257,17 @@ class ProxyService:
             session.start_soon(self._heartbeat, ws)
             await self._replay()
             while True:
-                frame = decode_manager_frame(await ws.get_message())
+                raw = await ws.get_message()
                 self._last_heard = trio.current_time()
+                try:
+                    frame = decode_manager_frame(raw)
+                except ProtocolError as exc:
+                    # Ignored, not a reconnect: whatever the manager must get
+                    # across it sends again after every reconnect, so dropping
+                    # the link would only bring the same frame back at once.
+                    # Unanswered, it is kept (and retried) by the manager.
+                    log.warning("ignoring a bad frame from the manager: %s", exc)
+                    continue
                 await self._on_frame(frame, tasks)
 
     async def _heartbeat(self, ws: WebSocketConnection) -> None:
@@ -305,7 +334,9 @@ class ProxyService:
             protocol=PROTOCOL_VERSION,
             capacity=self._config.capacity,
             labels=list(self._config.labels),
-            version=f"codexnet {codexnet.__version__}; codex {self._app.version or '?'}",
+            version=f"codexnet {codexnet.__version__}; codex {self._app.version or '?'}"[
+                :MAX_VERSION_CHARS
+            ],
             running=list(self._running),
             finished=list(self._outbox),
             workdir=str(self._config.codex_cwd),
@@ -331,6 +362,13 @@ class ProxyService:
         """
         ws = self._ws
         if ws is None:
+            return False
+        try:
+            check_frame(frame)
+        except ProtocolError as exc:
+            # The manager would close the link on it (and get it again after
+            # the reconnect): a bug here, said loudly, and the link kept.
+            log.error("not sending a frame the manager would refuse: %s", exc)
             return False
         try:
             async with self._send_lock:
@@ -567,6 +605,15 @@ class ProxyService:
         for notice in (outcome.notice, files_line):
             if notice:
                 text = f"{notice}\n\n{text}" if text else notice
+        if ID_RE.fullmatch(outcome.thread_id) is None:
+            # The manager refuses such a result, on every reconnect: fail it here instead.
+            return TaskResult(
+                task.task_id,
+                "failed",
+                text=text,
+                error=f"codex named its thread {outcome.thread_id[:40]!r}, not a usable id",
+                thread_id=task.thread_id,
+            )
         diff_bytes = 0
         if outcome.diff.strip():
             try:
@@ -581,7 +628,7 @@ class ProxyService:
             text=text,
             thread_id=outcome.thread_id,
             error=outcome.error,
-            usage=outcome.usage,
+            usage=usable_usage(outcome.usage),
             diff_bytes=diff_bytes,
         )
 
@@ -650,20 +697,31 @@ def _first(group: BaseExceptionGroup[BaseException]) -> str:
     return text
 
 
+def _closed_reason(group: BaseExceptionGroup[ConnectionClosed]) -> CloseReason | None:
+    """The close frame's code and reason, from wherever in the group it sits."""
+    found = find_leaf(
+        group, lambda exc: isinstance(exc, ConnectionClosed) and exc.reason is not None
+    )
+    return found.reason if isinstance(found, ConnectionClosed) else None
+
+
 def _refusal(group: BaseExceptionGroup[ConnectionClosed]) -> str | None:
-    for exc in group.exceptions:
-        reason = exc.reason if isinstance(exc, ConnectionClosed) else None
-        if reason is not None and reason.code in FATAL_CLOSE_CODES:
-            return (
-                f"the manager refused this proxy: {reason.reason or reason.name}"
-                f" (close code {reason.code})"
-            )
+    reason = _closed_reason(group)
+    if reason is not None and reason.code in FATAL_CLOSE_CODES:
+        return (
+            f"the manager refused this proxy: {reason.reason or reason.name}"
+            f" (close code {reason.code})"
+        )
     return None
 
 
+def _close_code(group: BaseExceptionGroup[ConnectionClosed]) -> int | None:
+    reason = _closed_reason(group)
+    return reason.code if reason is not None else None
+
+
 def _close_reason(group: BaseExceptionGroup[ConnectionClosed]) -> str:
-    exc = group.exceptions[0]
-    reason = exc.reason if isinstance(exc, ConnectionClosed) else None
+    reason = _closed_reason(group)
     if reason is not None:
         return f"{reason.code} {reason.reason or reason.name}"
-    return str(exc)
+    return str(first_leaf(group)) or "closed"

@@ -244,12 +244,14 @@ class ServiceProcess:
         name: str | None = None,
         args: Sequence[str] = (),
         log_level: str = "INFO",
+        prefix: Sequence[str] = (),
     ) -> None:
         self.config = dict(config)
         self.directory = Path(directory)
         self.env = dict(os.environ if env is None else env)
         self.name = name or self.module.rpartition(".")[2]
         self.args = list(args)
+        self.prefix = list(prefix)  # e.g. ["prlimit", "--nofile=1024:1024", "--"]; it execs
         self.log_level = log_level
         self.config_path = self.directory / "config.json"
         self.lines: list[str] = []
@@ -267,6 +269,7 @@ class ServiceProcess:
     @property
     def command(self) -> list[str]:
         return [
+            *self.prefix,
             sys.executable,
             "-u",
             "-m",
