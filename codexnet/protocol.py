@@ -99,7 +99,6 @@ MAX_THREADS: Final = 1000
 MAX_ERROR_CHARS: Final = 2000  # one line for the chat
 MAX_DATA_CHARS: Final = (MAX_CHUNK_BYTES + 2) // 3 * 4  # base64 of the largest chunk
 SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
-BASE64_RE: Final = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The setup wizard's alphabet for proxy ids (they also name state directories).
 PROXY_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -598,9 +597,11 @@ def _pattern(regex: re.Pattern[str], what: str) -> Check:
 
 
 def _base64(value: str) -> str | None:
+    # Its alphabet is checked where it is decoded (`b64decode(validate=True)`, at
+    # C speed): a regex over a 700 kB chunk here cost 1.8 ms, more than the JSON.
     if len(value) > MAX_DATA_CHARS:
         return f"longer than {MAX_DATA_CHARS} characters ({len(value)})"
-    if len(value) % 4 or BASE64_RE.fullmatch(value) is None:
+    if len(value) % 4 or not value.isascii():
         return "not base64"
     return None
 

@@ -220,7 +220,7 @@ def _frame(**fields: object) -> str:
             "index: expected 0..99",
         ),
         (
-            _frame(type="file_part", task_id="t", index=0, offset=0, data="not base64!"),
+            _frame(type="file_part", task_id="t", index=0, offset=0, data="not base64, é"),
             decode_manager_frame,
             "data: not base64",
         ),
