@@ -196,7 +196,7 @@ def test_proxy_settings_reach_the_child_env(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"capacity": 0}, "capacity: expected an integer of at least 1"),
+        ({"capacity": 0}, r"capacity: expected an integer in 1\.\.1000, got 0"),
         ({"capacity": "2"}, "capacity: expected an integer"),
         ({"approval_policy": "always"}, "approval_policy: expected one of untrusted, on-request"),
         ({"sandbox": "none"}, "sandbox: expected one of read-only"),

@@ -70,8 +70,30 @@ async def test_each_topic_is_its_own_conversation_and_gets_its_own_replies(stack
         # A slow one: its status message, its edits and its typing are in the topic.
         before = len(stack.telegram.chat_actions(FORUM))
         await say(stack, backend, "[[slow:6]]", expect="tick 6")
+        # A document sent in a topic is answered there, and /get sends files to the topic.
+        stack.telegram.push_document(
+            FORUM, b"a,b\n", file_name="t.csv", user_id=USER, message_thread_id=backend
+        )
+        with trio.fail_after(60):
+            await stack.telegram.wait_until(
+                lambda: any(
+                    "📎 telegram-files/t.csv" in (m.text or "") for m in in_topic(stack, backend)
+                )
+            )
+        stack.telegram.push_message(
+            FORUM, "/get telegram-files/t.csv", user_id=USER, message_thread_id=backend
+        )
+        with trio.fail_after(60):
+            await stack.telegram.wait_until(
+                lambda: any(m.document for m in stack.telegram.messages(FORUM))
+            )
+    [sent] = [m for m in stack.telegram.messages(FORUM) if m.document]
+    assert sent.message_thread_id == backend
+    assert sent.document is not None
+    assert sent.document.content == b"a,b\n"
     views = [m for m in stack.telegram.messages(FORUM) if (m.text or "").startswith("✅ Done")]
-    assert [m.message_thread_id for m in views] == [backend]
+    assert views
+    assert {m.message_thread_id for m in views} == {backend}
     actions = stack.telegram.chat_actions(FORUM)[before:]
     assert actions
     assert {a.message_thread_id for a in actions} == {backend}

@@ -4,15 +4,29 @@
 `ChatCommands.table()`, so they never disagree. A handler gets the context of
 the message (chat, topic, who) and the text after the command.
 
-Buttons: `callback_data` is a few bytes — `c:<key>` cancels a task, `a:<key>:y|s|n`
-answers an approval (keys are random and bound to their chat), `u:<proxy>` picks
-a machine for the chat it is pressed in; the workspace's (`workspace_commands.py`):
-`m:<model>`, `e:<effort>`, `r:<thread id>` for the conversation they are pressed
-in, `d:<key>` sends a turn's diff.
+Buttons: `callback_data` is a few bytes, and none can be guessed or carried to
+another chat (a modified client can send any data under any message it sees):
+
+* `c:<key>` cancels a task, `a:<key>:y|s|n` answers an approval and `d:<key>`
+  sends a turn's diff: the keys are random (72 bits), stored with the task or
+  the question, and checked against the chat the button is pressed in;
+* `u:<tag>:<choice>` picks a machine, a pool (`label:<a>`) or `auto`: the tag
+  is an HMAC of the chat and the choice keyed by the bot token, so it needs no
+  storage, survives a restart, and is valid only in the chat it was offered in.
+* `m:<model>`, `e:<effort>`, `r:<thread id>` (`workspace_commands.py`) carry
+  only what the person could type in that conversation, and are checked again
+  exactly as `/model`, `/effort`, `/resume` would be: a crafted one is that
+  command, nothing more.
+
+A press from another chat, or with an unknown key or a wrong tag, gets a
+toast saying so and changes nothing. A press acts on the conversation (chat
+and forum topic) of the message it is under.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +35,7 @@ from typing import Any, Final
 import attrs
 
 from codexnet.config import ManagerConfig
-from codexnet.manager.approvals import Approvals
+from codexnet.manager.approvals import NOT_HERE, Approvals
 from codexnet.manager.chat_context import Context, topic_of
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
@@ -34,6 +48,15 @@ from codexnet.manager.workspace_commands import WorkspaceCommands
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_DATA: Final = 64  # bytes, Telegram's limit
+TAG_BYTES: Final = 9  # of the HMAC in a `u:` button: 72 bits, 12 characters
+NO_LONGER_VALID: Final = "This button is no longer valid."
+FINISHED: Final = "That task has already finished."
+
+
+def button_tag(secret: str, chat_id: int, payload: str) -> str:
+    """What binds a stateless button to its chat: unguessable without `secret`."""
+    digest = hmac.digest(secret.encode(), f"{chat_id}:{payload}".encode(), "sha256")
+    return base64.urlsafe_b64encode(digest[:TAG_BYTES]).decode()
 
 
 Handler = Callable[[Context, str], Awaitable[None]]
@@ -66,6 +89,8 @@ class ChatCommands:
         self._conversations = conversations
         self._approvals = approvals
         self._replies = replies
+        # Keys the `u:` buttons' tags; the bot token is a secret we already hold.
+        self._button_secret = config.telegram_bot_token or ""
         self._table = self._build()
 
     def _build(self) -> list[Command]:
@@ -75,7 +100,7 @@ class ChatCommands:
             Command(
                 "use",
                 "/use <proxy> | label:<a>[,<b>] | auto",
-                "Pick the machine, or a pool by labels, or any machine (alone: buttons)",
+                "Choose a machine, a pool by labels, or auto (alone: buttons)",
                 self.use,
             ),
             Command(
@@ -130,7 +155,7 @@ class ChatCommands:
     async def use(self, ctx: Context, argument: str) -> None:
         known = self._hub.known()
         if not argument:
-            text, markup = self._use_buttons()
+            text, markup = self._use_buttons(ctx.chat_id)
             self.reply(ctx, text, reply_markup=markup)
             return
         try:
@@ -167,11 +192,13 @@ class ChatCommands:
     def _labels(self) -> list[str]:
         return sorted({label for p in self._hub.known() for label in self._hub.labels(p)})
 
-    def _use_buttons(self) -> tuple[str, dict[str, Any] | None]:
-        choices = [(p, f"u:{p}") for p in sorted(self._hub.online)]
-        choices += [(f"🏷 {label}", f"u:label:{label}") for label in self._labels()]
+    def _use_buttons(self, chat_id: int) -> tuple[str, dict[str, Any] | None]:
+        """Buttons for the online machines, each label, and auto (bound to this chat)."""
+        choices = [(p, p) for p in sorted(self._hub.online)]
+        choices += [(f"🏷 {label}", f"label:{label}") for label in self._labels()]
         if choices:
-            choices.append(("🔀 auto", "u:auto"))
+            choices.append(("🔀 auto", "auto"))
+        choices = [(text, self._use_button(chat_id, payload)) for text, payload in choices]
         buttons = [
             [{"text": text, "callback_data": data}]
             for text, data in choices
@@ -281,6 +308,9 @@ class ChatCommands:
         """The conversation a button press is in: the chat and topic of its message."""
         return Context(chat_id, topic_of(query.get("message") or {}), query.get("from") or {})
 
+    def _use_button(self, chat_id: int, proxy_id: str) -> str:
+        return f"u:{button_tag(self._button_secret, chat_id, proxy_id)}:{proxy_id}"
+
     async def on_callback(self, query: dict[str, Any]) -> None:
         """A button press from an allowed user."""
         data = str(query.get("data") or "")
@@ -292,22 +322,46 @@ class ChatCommands:
             return
         if kind == "c":
             task = self._conversations.task_for_cancel_key(rest)
-            if task is None or task.chat_id != chat_id:
-                self._replies.toast(query, "That task has already finished.")
+            if task is None:
+                self._replies.toast(query, FINISHED)
+                return
+            if task.chat_id != chat_id:
+                log.warning(
+                    "Cancel button of chat %s pressed in chat %s: refused", task.chat_id, chat_id
+                )
+                self._replies.toast(query, NOT_HERE)
                 return
             self._replies.toast(query, "Cancelling…")
             for each in self._conversations.tasks_for_cancel_key(rest):
                 await self._conversations.cancel(each)  # all of an /all run
             return
         if kind == "u" and isinstance(chat_id, int):
-            self._replies.toast(query, f"Using {rest}")
-            await self.use(self._button_context(query, chat_id), rest)
+            proxy_id = rest.partition(":")[2]
+            made_here = self._use_button(chat_id, proxy_id)
+            if not proxy_id or not hmac.compare_digest(data, made_here):
+                # Made for another chat, before an upgrade, or never by us.
+                log.warning("a /use button not made for chat %s pressed there: refused", chat_id)
+                self._replies.toast(query, NO_LONGER_VALID)
+                return
+            self._replies.toast(query, f"Using {proxy_id}")
+            await self.use(self._button_context(query, chat_id), proxy_id)
             return
+        if kind == "d":
+            ref = self._store.diffs.get(rest)
+            if ref is None:
+                self._replies.toast(query, NO_LONGER_VALID)
+                return
+            if ref.chat_id != chat_id:
+                log.warning(
+                    "Diff button of chat %s pressed in chat %s: refused", ref.chat_id, chat_id
+                )
+                self._replies.toast(query, NOT_HERE)
+                return
         if isinstance(chat_id, int) and kind in ("m", "e", "r", "d"):
             self._replies.toast(query, "Sending the diff…" if kind == "d" else "OK")
             await self._workspace.on_button(self._button_context(query, chat_id), kind, rest)
             return
-        self._replies.toast(query, "This button is no longer valid.")
+        self._replies.toast(query, NO_LONGER_VALID)
 
 
 def _clock(wall: float) -> str:

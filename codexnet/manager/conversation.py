@@ -66,6 +66,7 @@ RECONNECT_GRACE_S: Final = 120.0  # an unacknowledged task waits this long for i
 RESULT_GRACE_S: Final = 60.0  # beyond the task's own timeout, which the proxy enforces
 STATE_RETRY_S: Final = 5.0
 ALBUM_WAIT_S: Final = 1.5  # Telegram sends an album's photos one message each, together
+MAX_ALBUM_FILES: Final = 10  # Telegram's album size; more with one id start another prompt
 
 
 class ViewSink(Protocol):
@@ -195,9 +196,13 @@ class Conversations:
         return task
 
     def _album(self, key: ConversationKey, media_group: str) -> TaskRecord | None:
-        """The queued task collecting this album, if one is."""
+        """The queued task collecting this album, if one is (and has room)."""
         for task in self._store.open_tasks(key):
-            if task.media_group == media_group and task.state == "queued":
+            if (
+                task.media_group == media_group
+                and task.state == "queued"
+                and len(task.files) < MAX_ALBUM_FILES
+            ):
                 return task
         return None
 

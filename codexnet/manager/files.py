@@ -58,16 +58,14 @@ def attachment_of(message: dict[str, Any]) -> Attachment | None:
             kind="document",
             file_id=document["file_id"],
             name=str(document.get("file_name") or ""),
-            size=_int(document.get("file_size")),
+            size=_size(document),
         )
     photo = message.get("photo")
     if isinstance(photo, list):
         sizes = [p for p in photo if isinstance(p, dict) and isinstance(p.get("file_id"), str)]
         if sizes:
             largest = max(sizes, key=lambda p: _int(p.get("width")) * _int(p.get("height")))
-            return Attachment(
-                "", 0, "photo", largest["file_id"], "", _int(largest.get("file_size"))
-            )
+            return Attachment("", 0, "photo", largest["file_id"], "", _size(largest))
     return None
 
 
@@ -79,13 +77,19 @@ def refusal(attachment: Attachment) -> str | None:
             f"{what} is {megabytes(attachment.size)}; Telegram lets bots fetch files of up to "
             "20 MB, so nothing was run."
         )
-    if attachment.kind == "document" and attachment.size == 0:
+    if attachment.size == 0:
         return f"{what or 'The file'} is empty; nothing was run."
     return None
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _size(file: dict[str, Any]) -> int:
+    """Its announced `file_size` (optional in the Bot API: -1 when not given)."""
+    size = file.get("file_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else -1
 
 
 class Files:

@@ -36,11 +36,14 @@ from codexnet.protocol import (
     FileFetch,
     FilePart,
     ManagerFrame,
+    ProtocolError,
     Query,
     QueryKind,
     QueryResult,
     ReadFile,
     ReadResult,
+    check_frame,
+    path_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,10 @@ class MachineRequests:
     async def _ask(self, proxy_id: str, frame: Query | ReadFile) -> QueryResult | ReadResult:
         if proxy_id not in self._hub.online:
             raise MachineProblem(f"{proxy_id} is offline right now; try again when it is back.")
+        try:
+            check_frame(frame)  # what the proxy would refuse is not sent
+        except ProtocolError as exc:
+            raise MachineProblem(str(exc)) from None
         pending = _Pending(proxy_id, frame)
         self._pending[frame.request_id] = pending
         try:
@@ -87,6 +94,9 @@ class MachineRequests:
 
     async def query(self, proxy_id: str, kind: QueryKind, arg: str = "") -> QueryResult:
         """Ask `proxy_id`; its answer (raises `MachineProblem`, also for its error)."""
+        problem = path_problem(arg)  # a directory, or a thread id
+        if problem is not None:
+            raise MachineProblem(problem)
         answer = await self._ask(proxy_id, Query(uuid.uuid4().hex, kind, arg))
         assert isinstance(answer, QueryResult)
         if answer.error is not None:
@@ -96,6 +106,9 @@ class MachineRequests:
     async def _read(
         self, proxy_id: str, path: str, cwd: str | None, kind: Literal["file", "diff"], offset: int
     ) -> ReadResult:
+        problem = path_problem(path)
+        if problem is not None:
+            raise MachineProblem(problem)
         frame = ReadFile(uuid.uuid4().hex, path, offset, CHUNK_BYTES, cwd, kind)
         answer = await self._ask(proxy_id, frame)
         assert isinstance(answer, ReadResult)

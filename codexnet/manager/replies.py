@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import trio
 
@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 
 DOCUMENT_AFTER_PARTS: Final = 3
 REPLY_RETRY_S: Final = 300.0  # command replies are worth a few minutes of retrying, not more
-
-
-_Post = tuple[int, str, dict[str, Any] | None]  # topic, text, reply_markup
 
 
 def in_topic(topic: int) -> dict[str, Any]:
@@ -57,6 +54,13 @@ def answer_parts(markdown: str) -> list[Chunk]:
 
 def plain_parts(text: str) -> list[Chunk]:
     return [Chunk(part) for part in render_plain_parts(text)] or [Chunk("(empty)")]
+
+
+class _Post(NamedTuple):
+    topic: int
+    text: str
+    reply_markup: dict[str, Any] | None
+    priority: Priority
 
 
 class Replies:
@@ -177,26 +181,30 @@ class Replies:
         *,
         topic: int = 0,
         reply_markup: dict[str, Any] | None = None,
+        priority: Priority = Priority.REPLY,
     ) -> None:
         """`send_text` in the background: the caller never waits for Telegram.
 
         A chat's posts go out in the order they were made (one sender per chat).
         """
         assert self.nursery is not None, "Replies.post before the bot runs"
+        post = _Post(topic, text, reply_markup, priority)
         queue = self._posts.get(chat_id)
         if queue is not None:
-            queue.append((topic, text, reply_markup))
+            queue.append(post)
             return
-        self._posts[chat_id] = collections.deque([(topic, text, reply_markup)])
+        self._posts[chat_id] = collections.deque([post])
         self.nursery.start_soon(self._drain_posts, chat_id)
 
     async def _drain_posts(self, chat_id: int) -> None:
         queue = self._posts[chat_id]
         try:
             while queue:
-                topic, text, reply_markup = queue[0]
+                topic, text, reply_markup, priority = queue[0]
                 try:
-                    await self.send_text(chat_id, text, topic=topic, reply_markup=reply_markup)
+                    await self.send_text(
+                        chat_id, text, topic=topic, reply_markup=reply_markup, priority=priority
+                    )
                 except TelegramError as exc:
                     log.warning("chat %s: a reply was not delivered: %s", chat_id, exc.description)
                 queue.popleft()

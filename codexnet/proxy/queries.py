@@ -14,16 +14,21 @@ import logging
 import time
 from typing import Any, Final
 
+import attrs
 import trio
 
 from codexnet.protocol import (
     MAX_CHUNK_BYTES,
     ModelInfo,
+    ProtocolError,
     Query,
     QueryResult,
     ReadFile,
     ReadResult,
     ThreadInfo,
+    check_frame,
+    model_info_problem,
+    thread_info_problem,
 )
 from codexnet.proxy.appserver import AppServer, AppServerUnavailable
 from codexnet.proxy.jsonrpc import RpcError
@@ -40,6 +45,32 @@ SOURCE_KINDS: Final = ["cli", "vscode", "exec", "appServer"]
 
 
 async def answer_query(query: Query, app: AppServer, workspace: Workspace) -> QueryResult:
+    """The answer, always one the manager's decoder accepts (see `_acceptable`)."""
+    return _acceptable(await _answer_query(query, app, workspace))
+
+
+def _acceptable(result: QueryResult) -> QueryResult:
+    """`result` without the models and threads a frame may not carry (an id of
+    500 characters, say): the manager would refuse the whole frame, and with
+    it the link."""
+    models = [m for m in result.models if model_info_problem(m) is None]
+    threads = [t for t in result.threads if thread_info_problem(t) is None]
+    if len(models) < len(result.models) or len(threads) < len(result.threads):
+        log.warning(
+            "left out %d model(s) and %d thread(s) the protocol cannot carry",
+            len(result.models) - len(models),
+            len(result.threads) - len(threads),
+        )
+        result = attrs.evolve(result, models=models, threads=threads)
+    try:
+        check_frame(result)
+    except ProtocolError as exc:
+        log.warning("an answer the manager would refuse: %s", exc)
+        return QueryResult(result.request_id, error="the machine's answer could not be sent")
+    return result
+
+
+async def _answer_query(query: Query, app: AppServer, workspace: Workspace) -> QueryResult:
     try:
         if query.kind == "models":
             return QueryResult(query.request_id, models=await _models(app))

@@ -52,6 +52,8 @@ from codexnet.protocol import (
     CLOSE_PROTOCOL_VERSION,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_PROXY,
+    ID_RE,
+    MAX_VERSION_CHARS,
     PROTOCOL_VERSION,
     ApprovalDecision,
     ApprovalRequest,
@@ -71,8 +73,10 @@ from codexnet.protocol import (
     TaskEvent,
     TaskResult,
     Welcome,
+    check_frame,
     decode_manager_frame,
     encode,
+    usable_usage,
 )
 from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn, TurnSettings
 from codexnet.proxy.incoming import FetchFailed, Incoming, files_notice, prompt_with_files
@@ -254,8 +258,17 @@ class ProxyService:
             session.start_soon(self._report_health)
             await self._replay()
             while True:
-                frame = decode_manager_frame(await ws.get_message())
+                raw = await ws.get_message()
                 self._last_heard = trio.current_time()
+                try:
+                    frame = decode_manager_frame(raw)
+                except ProtocolError as exc:
+                    # Ignored, not a reconnect: whatever the manager must get
+                    # across it sends again after every reconnect, so dropping
+                    # the link would only bring the same frame back at once.
+                    # Unanswered, it is kept (and retried) by the manager.
+                    log.warning("ignoring a bad frame from the manager: %s", exc)
+                    continue
                 await self._on_frame(frame, tasks)
 
     async def _heartbeat(self, ws: WebSocketConnection) -> None:
@@ -322,7 +335,9 @@ class ProxyService:
             protocol=PROTOCOL_VERSION,
             capacity=self._config.capacity,
             labels=list(self._config.labels),
-            version=f"codexnet {codexnet.__version__}; codex {self._app.version or '?'}",
+            version=f"codexnet {codexnet.__version__}; codex {self._app.version or '?'}"[
+                :MAX_VERSION_CHARS
+            ],
             running=list(self._running),
             finished=list(self._outbox),
             workdir=str(self._config.codex_cwd),
@@ -364,6 +379,13 @@ class ProxyService:
         """
         ws = self._ws
         if ws is None:
+            return False
+        try:
+            check_frame(frame)
+        except ProtocolError as exc:
+            # The manager would close the link on it (and get it again after
+            # the reconnect): a bug here, said loudly, and the link kept.
+            log.error("not sending a frame the manager would refuse: %s", exc)
             return False
         try:
             async with self._send_lock:
@@ -600,6 +622,15 @@ class ProxyService:
         for notice in (outcome.notice, files_line):
             if notice:
                 text = f"{notice}\n\n{text}" if text else notice
+        if ID_RE.fullmatch(outcome.thread_id) is None:
+            # The manager refuses such a result, on every reconnect: fail it here instead.
+            return TaskResult(
+                task.task_id,
+                "failed",
+                text=text,
+                error=f"codex named its thread {outcome.thread_id[:40]!r}, not a usable id",
+                thread_id=task.thread_id,
+            )
         diff_bytes = 0
         if outcome.diff.strip():
             try:
@@ -614,7 +645,7 @@ class ProxyService:
             text=text,
             thread_id=outcome.thread_id,
             error=outcome.error,
-            usage=outcome.usage,
+            usage=usable_usage(outcome.usage),
             diff_bytes=diff_bytes,
         )
 

@@ -25,8 +25,9 @@ from typing import Final
 
 import attrs
 
+from codexnet.protocol import path_problem
+
 FILES_DIR: Final = "telegram-files"
-MAX_PATH_CHARS: Final = 1024
 MAX_NAME_CHARS: Final = 120  # well under the 255 bytes a file name may have
 MAX_NAME_BYTES: Final = 240
 MAX_SUFFIX_CHARS: Final = 16
@@ -66,10 +67,9 @@ def safe_file_name(sent: str | None, fallback: str) -> SafeName:
 def _check_text(path: str) -> None:
     if not path:
         raise WorkspaceError("no path given")
-    if "\0" in path or "\n" in path or "\r" in path:
-        raise WorkspaceError("a path cannot contain NUL or line breaks")
-    if len(path) > MAX_PATH_CHARS:
-        raise WorkspaceError(f"a path is at most {MAX_PATH_CHARS} characters")
+    problem = path_problem(path)
+    if problem is not None:
+        raise WorkspaceError(problem)
 
 
 def _show(path: str) -> str:
