@@ -63,8 +63,8 @@ async def test_each_topic_is_its_own_conversation_and_gets_its_own_replies(stack
         assert await say(stack, None, "general", expect="Echo") == "Echo: general (turn 1)"
         # /use in a topic is that topic's choice only.
         await say(stack, frontend, "/use proxy2", expect="now uses proxy2")
-        status = await say(stack, frontend, "/status", expect="This chat uses")
-        assert "This chat uses proxy2 (chosen for this chat)." in status
+        status = await say(stack, frontend, "/status", expect="This chat:")
+        assert "This chat: pinned to proxy2; current machine: proxy2 (offline)." in status
         status = await say(stack, backend, "/status", expect="This chat uses")
         assert "This chat uses proxy1 (chosen for this chat)." in status
         # A slow one: its status message, its edits and its typing are in the topic.

@@ -29,5 +29,7 @@ def route_for(admission: Admission, key: ConversationKey) -> Route:
         return Route(chat.current, "this conversation lives there")
     decision = decide(admission.fleet(), chat, wait_s=math.inf)
     if decision.proxy_id is not None:
+        if decision.action == "wait":  # its machine, for now unavailable
+            return Route(decision.proxy_id, "offline" if decision.offline else "all slots busy")
         return Route(decision.proxy_id, decision.why or "chosen for this chat")
     return Route(None, decision.why)
