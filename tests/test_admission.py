@@ -39,8 +39,10 @@ def online(hub: Hub, proxy_id: str, capacity: int, **kw: Any) -> ProxyConn:
     return conn
 
 
-def setup(store: ManagerStore, tmp_path: Path) -> tuple[Hub, Admission]:
-    config = attrs.evolve(manager_config("http://x", tmp_path), proxies=PROXIES, proxy_wait_s=20.0)
+def setup(store: ManagerStore, tmp_path: Path, **changes: Any) -> tuple[Hub, Admission]:
+    config = attrs.evolve(
+        manager_config("http://x", tmp_path), proxies=PROXIES, proxy_wait_s=20.0, **changes
+    )
     hub = Hub(PROXIES, heartbeat_timeout_s=30.0)
     return hub, Admission(config, store, hub)
 
@@ -159,3 +161,15 @@ async def test_an_offline_wait_ends_at_the_deadline_with_its_line(
     decision = await admission.admit(task, deadline=start + 20)
     assert (decision.action, decision.why) == ("refuse", "⚠️ proxy p1 is offline")
     assert trio.current_time() - start == pytest.approx(20)
+
+
+async def test_default_proxy_is_the_mode_of_chats_that_chose_nothing(
+    store: ManagerStore, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    hub, admission = setup(store, tmp_path, default_proxy="label:windows")
+    for proxy_id in PROXIES:
+        online(hub, proxy_id, capacity=1)
+    unset = await new_task(store, 1)
+    assert admission.decide_now(unset).proxy_id == "p3"
+    chosen = await new_task(store, 2, "proxy:p1")
+    assert admission.decide_now(chosen).proxy_id == "p1"

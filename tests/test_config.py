@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,10 @@ def test_default_path_is_codex_config_json(tmp_path: Path, monkeypatch: pytest.M
             "c.jsonc: manager_ws_listen: expected HOST:PORT, got 'nope'",
         ),
         (
+            '{"telegram_bot_token": "1:x", "default_proxy": "label: ,"}',
+            "c.jsonc: default_proxy: label: needs at least one label",
+        ),
+        (
             '{"telegram_bot_token": "1:x", "default_proxy": "ghost"}',
             "c.jsonc: default_proxy: 'ghost' is not listed under proxies (or write"
             ' "label:<a>" or "auto")',
@@ -124,6 +129,12 @@ def test_manager_config_errors_name_file_and_key(tmp_path: Path, text: str, mess
     with pytest.raises(ConfigError) as info:
         load_manager_config(write(tmp_path, text), env={})
     assert str(info.value).replace(str(tmp_path) + "/", "") == message
+
+
+@pytest.mark.parametrize("mode", ["auto", "label:gpu", "label:gpu,linux"])
+def test_default_proxy_may_be_a_pool_or_auto(tmp_path: Path, mode: str) -> None:
+    text = json.dumps({"telegram_bot_token": "1:x", "default_proxy": mode})
+    assert load_manager_config(write(tmp_path, text), env={}).default_proxy == mode
 
 
 def test_broken_jsonc_names_the_file(tmp_path: Path) -> None:
