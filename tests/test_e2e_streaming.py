@@ -209,10 +209,13 @@ async def test_use_without_argument_offers_buttons(stack: Stack) -> None:
     async with stack.manager() as hub, stack.proxy(hub):
         await say(stack, "/use", expect="Pick the machine")
         [offer] = [
-            m for m in stack.telegram.messages(USER) if m.text == "Pick the machine for this chat:"
+            m
+            for m in stack.telegram.messages(USER)
+            if m.text == "Pick the machine (or a pool of machines by label) for this chat:"
         ]
-        [data] = button_data(offer)
+        data, *pools = button_data(offer)
         assert re.fullmatch(r"u:[A-Za-z0-9_-]{12}:proxy1", data)
+        assert [p.split(":", 2)[2] for p in pools] == ["label:linux", "auto"]
         stack.telegram.push_callback(USER, offer.message_id, data)
         await wait(stack, lambda: "This chat now uses proxy1 (online)." in texts(stack))
 
