@@ -14,8 +14,12 @@ checked before anything else lands there). A lane whose next request may go
 waits in a heap keyed by that request's priority — answers and failure lines,
 then approval questions, then replies, then live-view updates — and the
 scheduler wakes exactly that one request when both its chat and the global
-bucket allow it. Live-view updates with the same `coalesce` key replace each
-other while they wait: only the newest text is ever sent.
+bucket allow it. Within a priority, chats take turns (start-time fair
+queueing: a lane's place is one past its previous send, and never before the
+send going out now), so a chat with ten answer parts waiting holds up the
+other chats' first answers by one request, not ten, when the bot's global
+budget is the bottleneck. Live-view updates with the same `coalesce` key
+replace each other while they wait: only the newest text is ever sent.
 
 Delivery: `send(..., until=T)` keeps retrying what surely did not reach
 Telegram (429, 5xx, connection refused) with backoff until `T`, and wakes
@@ -103,7 +107,10 @@ class _Bucket:
         need = 1 + self.reserve
         return now if self.tokens >= need else now + (need - self.tokens) / self.rate
 
-    def take(self) -> None:
+    def take(self, now: float) -> None:
+        # Refill up to `now` first: tokens refilled while the bucket was full
+        # (capped at `burst`) must not be granted again after this take.
+        self.ready_at(now)
         self.tokens -= 1
 
 
@@ -127,6 +134,9 @@ class _Lane:
     busy: bool = False
     paused_until: float = 0.0
     version: int = 0
+    # Fair queueing: the virtual time at which this lane's next request may
+    # start (one past its last one); see Outbox.run.
+    finish: int = 0
     coalesced: dict[Hashable, _Item] = attrs.Factory(dict)
 
     def head(self) -> _Item | None:
@@ -162,7 +172,9 @@ class Outbox:
         self._chat_burst = chat_burst
         self._global = _Bucket(global_rate, global_burst, global_burst, trio.current_time())
         self._lanes: dict[int, _Lane] = {}
-        self._ready: list[tuple[int, int, int, int, _Lane]] = []
+        # (priority, fair start tag, seq, tiebreak, lane version, lane)
+        self._ready: list[tuple[int, int, int, int, int, _Lane]] = []
+        self._vclock = 0  # the start tag of the last request given the go
         self._timers: list[tuple[float, int, int, _Lane]] = []
         self._tiebreak = itertools.count()
         self._seq = itertools.count()
@@ -395,7 +407,8 @@ class Outbox:
                 _, _, version, lane = heapq.heappop(self._timers)
                 head = lane.head()
                 if version == lane.version and head is not None and not lane.busy:
-                    entry = (head.priority, head.seq, next(self._tiebreak), version, lane)
+                    start = max(self._vclock, lane.finish)
+                    entry = (head.priority, start, head.seq, next(self._tiebreak), version, lane)
                     heapq.heappush(self._ready, entry)
             while self._ready and not self._valid(self._ready[0]):
                 heapq.heappop(self._ready)
@@ -403,14 +416,16 @@ class Outbox:
             if self._ready:
                 at = self._global.ready_at(now)
                 if at <= now:
-                    *_, lane = heapq.heappop(self._ready)
+                    _, start, *_, lane = heapq.heappop(self._ready)
+                    self._vclock = max(self._vclock, start)
+                    lane.finish = start + 1
                     item = lane.head()
                     assert item is not None
                     heapq.heappop(lane.heap)
                     lane.busy = True
                     lane.version += 1
-                    lane.bucket.take()
-                    self._global.take()
+                    lane.bucket.take(now)
+                    self._global.take(now)
                     self.stats.sent += 1
                     item.go.set()
                     continue
@@ -423,8 +438,8 @@ class Outbox:
             self.stats.scheduler_wakeups += 1
 
     @staticmethod
-    def _valid(entry: tuple[int, int, int, int, _Lane]) -> bool:
-        _, seq, _, version, lane = entry
+    def _valid(entry: tuple[int, int, int, int, int, _Lane]) -> bool:
+        _, _, seq, _, version, lane = entry
         head = lane.head()
         return version == lane.version and not lane.busy and head is not None and head.seq == seq
 
@@ -486,7 +501,5 @@ class Outbox:
         at = max(lane.bucket.ready_at(now), self._global.ready_at(now), lane.paused_until)
         await trio.sleep_until(at)
         now = trio.current_time()
-        lane.bucket.ready_at(now)
-        self._global.ready_at(now)
-        lane.bucket.take()
-        self._global.take()
+        lane.bucket.take(now)
+        self._global.take(now)
