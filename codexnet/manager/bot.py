@@ -38,6 +38,8 @@ from codexnet.manager.telegram import (
     TelegramConflict,
     TelegramError,
     TelegramFatal,
+    TelegramUnavailable,
+    log_unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,18 @@ class Bot:
                     continue
                 except RetryAfter as exc:
                     await trio.sleep(exc.retry_after)
+                    continue
+                except TelegramUnavailable as exc:
+                    delay = backoff(POLL_BACKOFF_S, failures)
+                    failures += 1
+                    log_unavailable(
+                        log,
+                        exc,
+                        "getUpdates failed (%s); retrying in %.0f s",
+                        exc.description,
+                        delay,
+                    )
+                    await trio.sleep(delay)
                     continue
                 except TelegramError as exc:
                     delay = backoff(POLL_BACKOFF_S, failures)

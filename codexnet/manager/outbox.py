@@ -54,6 +54,7 @@ from codexnet.manager.telegram import (
     TelegramClient,
     TelegramError,
     TelegramUnavailable,
+    log_unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,9 @@ class Outbox:
                     raise error
                 delay = backoff(RETRY_BACKOFF_S, failures)
                 failures += 1
-                log.warning(
+                log_unavailable(
+                    log,
+                    error,
                     "Telegram %s to chat %s failed (%s); retrying within %.0f s",
                     method,
                     chat_id,

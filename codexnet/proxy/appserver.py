@@ -33,8 +33,11 @@ from codexnet.proxy import server_requests
 from codexnet.proxy.jsonrpc import JsonRpcPeer, PeerClosed, RpcError, ServerRequest
 from codexnet.proxy.progress import describe_item
 from codexnet.proxy.server_requests import Approval
+from codexnet.ratelog import Throttle
+from codexnet.resource_errors import resource_problem
 
 log = logging.getLogger(__name__)
+_throttled = Throttle()
 
 INITIALIZE_TIMEOUT_S: Final = 60.0
 STOP_GRACE_S: Final = 3.0
@@ -127,6 +130,9 @@ class AppServer:
         self._thread_locks: dict[str, trio.Lock] = {}
         self.restarts = 0
         self.version = ""
+        # The last start failed for want of descriptors or memory: it is said
+        # once a minute, not at every restart.
+        self._starved = False
 
     @property
     def command(self) -> list[str]:
@@ -142,13 +148,15 @@ class AppServer:
             ran_ok = await self._run_child_once()
             failures = 0 if ran_ok else failures + 1
             delay = backoff(RESTART_BACKOFF_S, failures)
-            log.warning("restarting codex app-server in %.0f s", delay)
+            if not self._starved:
+                log.warning("restarting codex app-server in %.0f s", delay)
             await trio.sleep(delay)
             self.restarts += 1
 
     async def _run_child_once(self) -> bool:
         """Start one child, serve it until it exits; True if it got past initialize."""
         initialized = False
+        self._starved = False
         try:
             async with trio.open_nursery() as nursery:
                 process: trio.Process = await nursery.start(
@@ -218,9 +226,14 @@ class AppServer:
             log.error("%s", self._last_error)
         except* OSError as group:
             error = first_leaf(group)
+            problem = resource_problem(error, probe=False)
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            self._last_error = f"cannot start {self._config.codex_bin!r}: {reason}"
-            log.error("%s", self._last_error)
+            self._last_error = f"cannot start {self._config.codex_bin!r}: {problem or reason}"
+            if problem is not None:  # it will pass; say so once a minute meanwhile
+                self._starved = True
+                _throttled.log(log, logging.ERROR, "spawn", "%s; retrying", self._last_error)
+            else:
+                log.error("%s", self._last_error)
         return initialized
 
     def _forget_child(self, child: _Child) -> None:

@@ -64,10 +64,13 @@ from codexnet.protocol import (
 from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn
 from codexnet.proxy.server_requests import Approval
 from codexnet.proxy.store import ProxyStore, StoredTask
+from codexnet.ratelog import Throttle
+from codexnet.resource_errors import resource_problem
 from codexnet.statelock import hold_state_lock
 from codexnet.wsclient import connect_websocket
 
 log = logging.getLogger(__name__)
+_throttled = Throttle()
 
 HELLO_TIMEOUT_S: Final = 15.0
 RECONNECT_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -176,9 +179,20 @@ class ProxyService:
                 refused = _refusal(group)
                 log.warning("connection to the manager closed: %s", _close_reason(group))
             except* (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
-                log.warning(
-                    "cannot reach the manager at %s: %s", self._config.manager_ws, _first(group)
-                )
+                problem = resource_problem(group)
+                if problem is not None:  # our fault, not the network's: once a minute
+                    _throttled.log(
+                        log,
+                        logging.WARNING,
+                        "connect",
+                        "cannot reach the manager at %s: %s",
+                        self._config.manager_ws,
+                        problem,
+                    )
+                else:
+                    log.warning(
+                        "cannot reach the manager at %s: %s", self._config.manager_ws, _first(group)
+                    )
             except* ProtocolError as group:
                 log.error("manager sent a bad frame: %s", _first(group))
             except* LinkDead as group:
@@ -561,7 +575,7 @@ def _refusal(group: BaseExceptionGroup[ConnectionClosed]) -> str | None:
 
 
 def _close_reason(group: BaseExceptionGroup[ConnectionClosed]) -> str:
-    exc = group.exceptions[0]
+    exc = first_leaf(group)  # the group may nest (a nursery's)
     reason = exc.reason if isinstance(exc, ConnectionClosed) else None
     if reason is not None:
         return f"{reason.code} {reason.reason or reason.name}"
