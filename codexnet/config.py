@@ -108,6 +108,8 @@ class ProxyConfig:
     state_dir: Path = Path("state/proxy")
     heartbeat_timeout_s: float = 30.0
     manager_ca_file: Path | None = None
+    # A Codex thread unused this long is unloaded from the app-server (0: never).
+    thread_idle_unload_s: float = 1800.0
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The client TLS context for a `wss://` manager (system CAs, or `manager_ca_file`)."""
@@ -447,6 +449,7 @@ def load_proxy_config(
         state_dir=Path(r.get("state_dir", r.string, f"state/proxy-{proxy_id}")).expanduser(),
         heartbeat_timeout_s=r.get("heartbeat_timeout_s", r.heartbeat, 30.0),
         manager_ca_file=r.get("manager_ca_file", r.existing_file, None),
+        thread_idle_unload_s=r.get("thread_idle_unload_s", r.non_negative_number, 1800.0),
     )
     r.check_unknown()
     return config

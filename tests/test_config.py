@@ -166,6 +166,7 @@ def test_proxy_config_defaults(tmp_path: Path) -> None:
     assert config.codex_cwd == tmp_path
     assert config.approval_policy == "on-request"
     assert config.sandbox == "workspace-write"
+    assert config.thread_idle_unload_s == 1800
     assert "secret-one" not in repr(config)
 
 
@@ -190,6 +191,7 @@ def test_proxy_settings_reach_the_child_env(tmp_path: Path) -> None:
         ({"codex_cwd": "/no/such/dir"}, "codex_cwd: '/no/such/dir' is not a directory"),
         ({"proxy_token": ""}, "proxy_token: required"),
         ({"labels": "gpu"}, "labels: expected a list of strings"),
+        ({"thread_idle_unload_s": -1}, "thread_idle_unload_s: expected a number of at least 0"),
     ],
 )
 def test_proxy_config_errors(tmp_path: Path, extra: dict[str, object], message: str) -> None:

@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from codexnet.manager.telegram import TelegramClient, TelegramUnavailable
 from codexnet.proxy.appserver import AppServer, AppServerUnavailable
 from codexnet.proxy.service import ProxyService
 from tests.fakes.fdlimit import exhausted_fds
+from tests.fakes.loglines import LogLines
 from tests.fakes.rawmanager import FakeManager
 from tests.fakes.stack import BOT_TOKEN, USER
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
@@ -35,46 +35,6 @@ from tests.test_proxy_delivery import Proxy
 from tests.test_proxy_delivery import run as run_proxy
 
 MIGRATIONS = ("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT NOT NULL)",)
-
-
-class LogLines(logging.Handler):
-    """Every record logged while installed; `wait_for` a line instead of sleeping."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._changed = trio.Event()
-        self.hooks: list[tuple[str, Callable[[], None]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        for fragment, hook in self.hooks:  # at once, before the logging code goes on
-            if fragment in record.getMessage():
-                hook()
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def lines(self, fragment: str = "") -> list[str]:
-        return [r.getMessage() for r in self.records if fragment in r.getMessage()]
-
-    async def wait_for(self, fragment: str) -> None:
-        with trio.fail_after(20):
-            while not self.lines(fragment):
-                await self._changed.wait()
-
-
-@pytest.fixture
-def logged() -> Iterator[LogLines]:
-    handler = LogLines()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def put(key: str, value: str = "x") -> Write:
@@ -125,10 +85,11 @@ async def test_a_write_that_needs_a_new_file_fails_alone_and_is_said_once_a_minu
     )
     try:
         async with db.serving():
-            with exhausted_fds():
+            with exhausted_fds() as fds:
                 with pytest.raises(StateError, match="too many open files"):
                     await db.write(big_sort)
                 for i in range(20):  # non-essential writes that fail, 20 in a few seconds
+                    fds.fill()  # whatever an earlier test's leftovers closed meanwhile
                     db.write_soon(big_sort)
                     await db.write(put(f"kept{i}"))  # every other write still commits
                     await trio.sleep(1)

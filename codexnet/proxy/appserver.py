@@ -7,14 +7,24 @@ shutdown it closes stdin (Codex exits in ~30 ms and marks running turns
 interrupted), then SIGTERMs and SIGKILLs the whole group, each step bounded.
 
 `AppServer.run_turn` runs one prompt on a thread: `thread/start` for a new
-thread, `thread/resume` for a known one this child has not loaded yet, then
-`turn/start`, and waits for `turn/completed`. Turns on one thread are
-serialised: `turn/start` on a busy thread would silently steer the running turn.
+thread, `thread/resume` for a known one this child has not loaded (yet, or
+any more), then `turn/start`, and waits for `turn/completed`. Turns on one
+thread are serialised: `turn/start` on a busy thread would silently steer the
+running turn.
+
+Idle threads are unloaded: every loaded thread costs the child about a
+megabyte, and a proxy that serves many chats would otherwise keep every
+conversation it ever had in memory. A thread unused for
+`thread_idle_unload_s` gets `thread/unsubscribe`; codex 0.169.0 then closes a
+thread nobody is subscribed to once it has been idle for about a minute
+(`thread/closed`) and frees it. The next prompt on it resumes it from disk,
+history and all, exactly like a thread a new child has not loaded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -103,6 +113,18 @@ class _Child:
     peer: JsonRpcPeer
     loaded_threads: set[str] = attrs.Factory(set)
     turns: dict[str, Turn] = attrs.Factory(dict)  # thread id → running turn
+    # Loaded threads not in use, and since when (trio time): candidates to unload.
+    idle_since: dict[str, float] = attrs.Factory(dict)
+    idle_changed: trio.Event = attrs.Factory(trio.Event)
+
+    def set_idle(self, thread_id: str) -> None:
+        if thread_id in self.loaded_threads:
+            self.idle_since[thread_id] = trio.current_time()
+            self.idle_changed.set()
+
+    def forget_thread(self, thread_id: str) -> None:
+        self.loaded_threads.discard(thread_id)
+        self.idle_since.pop(thread_id, None)
 
 
 async def _terminate_group(process: trio.Process) -> None:
@@ -206,6 +228,7 @@ class AppServer:
                     log.info(
                         "codex app-server ready (pid %d, %s)", process.pid, self.version or "?"
                     )
+                    nursery.start_soon(self._unload_idle_threads, child)
                     await process.wait()
                 except trio.TooSlowError:
                     self._last_error = "app-server did not answer initialize"
@@ -276,6 +299,11 @@ class AppServer:
 
     def _on_notification(self, child: _Child, method: str, params: dict[str, Any]) -> None:
         thread_id = params.get("threadId")
+        if method == "thread/closed" and isinstance(thread_id, str):
+            # The child unloaded it (after our unsubscribe): a next turn resumes it.
+            log.debug("codex closed thread %s", thread_id)
+            child.forget_thread(thread_id)
+            return
         turn = child.turns.get(thread_id) if isinstance(thread_id, str) else None
         if turn is None:
             return
@@ -370,51 +398,85 @@ class AppServer:
         called after each update. Setting `cancel` interrupts the turn.
         """
         child = await self._ready_child()
-        notice = None
-        try:
-            if thread_id is None:
-                thread_id = await self._start_thread(child)
-            elif thread_id not in child.loaded_threads:
-                try:
-                    await self._resume_thread(child, thread_id)
-                except RpcError as exc:
-                    log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
+        if thread_id is None:
+            thread_id = await self._load_thread(child, None)
+        # Loading happens under the thread's lock, so it cannot interleave with
+        # an unload of the same thread (or a second load).
+        lock = self._thread_locks.setdefault(thread_id, trio.Lock())
+        async with lock:
+            notice = None
+            if thread_id not in child.loaded_threads:
+                wanted = thread_id
+                thread_id = await self._load_thread(child, thread_id)
+                if thread_id != wanted:
                     notice = (
                         "The previous Codex conversation could not be resumed; started a new one."
                     )
-                    thread_id = await self._start_thread(child)
+            child.idle_since.pop(thread_id, None)  # in use: not to be unloaded
+            try:
+                return await self._turn(
+                    child, thread_id, prompt, notice, on_change, on_approval, on_turn, cancel
+                )
+            finally:
+                child.set_idle(thread_id)
+
+    async def _load_thread(self, child: _Child, thread_id: str | None) -> str:
+        """Start a new thread (None) or resume `thread_id`; the id of the loaded one.
+
+        A thread that cannot be resumed is replaced by a new one (the caller
+        tells the person).
+        """
+        try:
+            if thread_id is None:
+                return await self._start_thread(child)
+            try:
+                await self._resume_thread(child, thread_id)
+                return thread_id
+            except RpcError as exc:
+                log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
+                return await self._start_thread(child)
         except PeerClosed:
             raise AppServerUnavailable("the Codex app-server crashed") from None
         except RpcError as exc:
             raise AppServerUnavailable(f"the Codex app-server refused the thread: {exc}") from None
 
-        lock = self._thread_locks.setdefault(thread_id, trio.Lock())
-        async with lock:
-            turn = Turn(thread_id, on_change=on_change, on_approval=on_approval)
-            child.turns[thread_id] = turn
-            on_turn(turn)
-            if cancel.is_set():  # cancelled while waiting for the app-server or the thread
+    async def _turn(
+        self,
+        child: _Child,
+        thread_id: str,
+        prompt: str,
+        notice: str | None,
+        on_change: Callable[[], None],
+        on_approval: ApprovalHandler,
+        on_turn: Callable[[Turn], None],
+        cancel: trio.Event,
+    ) -> TurnOutcome:
+        """One turn on a loaded thread, its lock held."""
+        turn = Turn(thread_id, on_change=on_change, on_approval=on_approval)
+        child.turns[thread_id] = turn
+        on_turn(turn)
+        if cancel.is_set():  # cancelled while waiting for the app-server or the thread
+            del child.turns[thread_id]
+            return TurnOutcome("interrupted", "", thread_id, None, {}, notice)
+        try:
+            result = await child.peer.request(
+                "turn/start",
+                {"threadId": thread_id, "input": [{"type": "text", "text": prompt}]},
+            )
+            turn.turn_id = (result or {}).get("turn", {}).get("id")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._interrupt_on, cancel, child, turn)
+                await turn.finished.wait()
+                nursery.cancel_scope.cancel()
+        except PeerClosed:
+            turn.finish("failed", "the Codex app-server crashed")
+        finally:
+            if child.turns.get(thread_id) is turn:
                 del child.turns[thread_id]
-                return TurnOutcome("interrupted", "", thread_id, None, {}, notice)
-            try:
-                result = await child.peer.request(
-                    "turn/start",
-                    {"threadId": thread_id, "input": [{"type": "text", "text": prompt}]},
-                )
-                turn.turn_id = (result or {}).get("turn", {}).get("id")
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._interrupt_on, cancel, child, turn)
-                    await turn.finished.wait()
-                    nursery.cancel_scope.cancel()
-            except PeerClosed:
-                turn.finish("failed", "the Codex app-server crashed")
-            finally:
-                if child.turns.get(thread_id) is turn:
-                    del child.turns[thread_id]
-                if not turn.finished.is_set():
-                    # We are being cancelled (timeout/shutdown): stop the turn, bounded.
-                    with trio.CancelScope(shield=True), trio.move_on_after(INTERRUPT_WAIT_S):
-                        await self._interrupt(child, turn)
+            if not turn.finished.is_set():
+                # We are being cancelled (timeout/shutdown): stop the turn, bounded.
+                with trio.CancelScope(shield=True), trio.move_on_after(INTERRUPT_WAIT_S):
+                    await self._interrupt(child, turn)
         return TurnOutcome(
             status=turn.status or "failed",
             text=turn.text,
@@ -460,6 +522,52 @@ class AppServer:
             "thread/resume", {"threadId": thread_id, "excludeTurns": True, **self._thread_params()}
         )
         child.loaded_threads.add(thread_id)
+
+    # ------------------------------------------------------------------ idle threads
+
+    async def _unload_idle_threads(self, child: _Child) -> None:
+        """Unload each of `child`'s threads once it has been idle `thread_idle_unload_s`."""
+        idle_s = self._config.thread_idle_unload_s
+        if idle_s <= 0:
+            return
+        while True:
+            now = trio.current_time()
+            for thread_id, since in list(child.idle_since.items()):
+                if since + idle_s <= now:
+                    await self._unload(child, thread_id, now - since)
+            next_at = min((since + idle_s for since in child.idle_since.values()), default=math.inf)
+            child.idle_changed = trio.Event()
+            with trio.move_on_at(next_at):
+                await child.idle_changed.wait()
+
+    async def _unload(self, child: _Child, thread_id: str, idle: float) -> None:
+        lock = self._thread_locks.setdefault(thread_id, trio.Lock())
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            return  # a turn is about to use it; it is idle again afterwards
+        try:
+            if thread_id in child.turns or thread_id not in child.idle_since:
+                return
+            # Forgotten first: from now on a prompt for it resumes it (after this
+            # unsubscribe, which holds its lock).
+            child.forget_thread(thread_id)
+            try:
+                await child.peer.request("thread/unsubscribe", {"threadId": thread_id})
+            except RpcError as exc:
+                log.info("unloading thread %s: %s", thread_id, exc)
+                return
+            except PeerClosed:
+                return
+            log.info(
+                "thread %s idle for %.0f s: unloaded (its next message resumes it)",
+                thread_id,
+                idle,
+            )
+        finally:
+            lock.release()
+            if not lock.locked() and self._thread_locks.get(thread_id) is lock:
+                del self._thread_locks[thread_id]  # nobody waits for it: no lock kept per thread
 
 
 def _version_from_user_agent(info: Any) -> str:
