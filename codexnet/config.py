@@ -73,6 +73,8 @@ class ManagerConfig:
     approval_timeout_s: float
     heartbeat_timeout_s: float = 30.0
     delivery_give_up_s: float = 86400.0
+    hub_max_pending: int | None = None  # None: from the open-file limit (see Hub)
+    hub_max_pending_per_address: int = 32
     manager_tls_cert: Path | None = None
     manager_tls_key: Path | None = None
 
@@ -238,6 +240,12 @@ class _Reader:
             raise self.error(key, "expected 3..3600 seconds")
         return seconds
 
+    def pending_cap(self, key: str, value: Any) -> int:
+        count = self.integer(key, value)
+        if not 1 <= count <= 100_000:
+            raise self.error(key, "expected 1..100000 connections")
+        return count
+
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):
             raise self.error(key, "expected true or false")
@@ -380,11 +388,18 @@ def load_manager_config(
         approval_timeout_s=r.get("approval_timeout_s", r.positive_number, 600.0),
         heartbeat_timeout_s=r.get("heartbeat_timeout_s", r.heartbeat, 30.0),
         delivery_give_up_s=r.get("delivery_give_up_s", r.positive_number, 86400.0),
+        hub_max_pending=r.get("hub_max_pending", r.pending_cap, None),
+        hub_max_pending_per_address=r.get("hub_max_pending_per_address", r.pending_cap, 32),
         manager_tls_cert=r.get("manager_tls_cert", r.existing_file, None),
         manager_tls_key=r.get("manager_tls_key", r.existing_file, None),
     )
     if config.manager_tls_key is not None and config.manager_tls_cert is None:
         raise r.error("manager_tls_key", "given without manager_tls_cert")
+    if (
+        config.hub_max_pending is not None
+        and config.hub_max_pending_per_address > config.hub_max_pending
+    ):
+        raise r.error("hub_max_pending_per_address", "must not exceed hub_max_pending")
     if not 0 <= config.telegram_poll_timeout_s <= 50:
         raise r.error("telegram_poll_timeout_s", "expected 0..50 (Telegram caps it at 50)")
     r.check_unknown()

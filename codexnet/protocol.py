@@ -33,11 +33,13 @@ MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 
 # WebSocket close codes (4000-4999 are for applications).
 CLOSE_BAD_FRAME: Final = 4400
-CLOSE_UNAUTHORIZED: Final = 4401
-CLOSE_UNKNOWN_PROXY: Final = 4404
-CLOSE_REPLACED: Final = 4409
-CLOSE_PROTOCOL_VERSION: Final = 4426
+CLOSE_UNAUTHORIZED: Final = 4401  # unknown proxy id or wrong token: one code for both
+CLOSE_FOREIGN: Final = 4403  # frames for tasks of another proxy
+CLOSE_UNKNOWN_PROXY: Final = 4404  # sent by earlier managers; still final for a proxy
 CLOSE_HELLO_TIMEOUT: Final = 4408
+CLOSE_DUPLICATE: Final = 4409  # this proxy id is connected already and answering
+CLOSE_PROTOCOL_VERSION: Final = 4426
+CLOSE_TRY_LATER: Final = 4429  # too many failed authentications from this address
 
 TaskStatus = Literal["completed", "failed", "interrupted", "timeout"]
 

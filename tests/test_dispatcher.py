@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from codexnet.config import ProxyEntry
 from codexnet.manager.store import ApprovalRecord, TaskRecord
 from codexnet.protocol import (
+    CLOSE_FOREIGN,
     ApprovalDecision,
     ApprovalRequest,
     CancelAck,
@@ -26,6 +28,7 @@ from codexnet.protocol import (
     TaskCancel,
     TaskEvent,
     TaskResult,
+    Welcome,
 )
 from tests.fakes.hubrun import HubRunner, open_hub
 from tests.fakes.rawproxy import raw_proxy
@@ -184,6 +187,21 @@ async def test_a_proxy_cannot_touch_another_proxys_task(
     assert hub.store.conversation((0, 0)).threads == {"p1": "th"}
     warnings = [r for r in caplog.records if "belongs to 'p1'" in r.getMessage()]
     assert len(warnings) == 1  # rate-limited: one line, not one per frame
+
+
+async def test_a_proxy_that_keeps_speaking_for_others_is_disconnected(hub: HubRunner) -> None:
+    async with raw_proxy(hub.port, "p1", T1) as owner, raw_proxy(hub.port, "p2", T2) as other:
+        task = await hub.start_task("p1", "mine")
+        await owner.expect(Task)
+        for seq in range(1, 6):  # the fifth frame for a task that is not its own
+            await other.send(TaskEvent(task.task_id, seq, "snapshot", "spoofed"))
+        with trio.fail_after(5), pytest.raises(ConnectionClosed) as info:
+            await other.expect(Welcome)  # nothing comes but the close
+        assert info.value.reason is not None
+        assert info.value.reason.code == CLOSE_FOREIGN
+        assert info.value.reason.reason == "frames for tasks of another proxy"
+        assert "p1" in hub.hub.online  # the owner is untouched
+        assert task.text == ""
 
 
 async def test_events_are_applied_once_in_order(hub: HubRunner) -> None:

@@ -181,10 +181,14 @@ async def test_a_proxy_with_a_wrong_token_is_refused(
         )
     output = result.stderr.decode()
     assert result.returncode == 3, output
-    assert "the manager refused this proxy: wrong token (close code 4401)" in output
+    assert (
+        "the manager refused this proxy: unknown proxy id or wrong token (close code 4401)"
+        in output
+    )
     assert "this-is-not-the-token" not in output
     manager_log = (tmp_path / "manager.log").read_text()
-    assert "refusing proxy 'proxy1'" in manager_log
+    assert "refusing a proxy from 127.0.0.1" in manager_log
+    assert "wrong token for proxy 'proxy1'" in manager_log
     assert "this-is-not-the-token" not in manager_log
     assert PROXY_TOKEN not in manager_log
 

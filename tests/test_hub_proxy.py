@@ -27,6 +27,8 @@ from codexnet.proxy.appserver import AppServer
 from codexnet.proxy.service import ProxyRefused, ProxyService
 from codexnet.wsclient import connect_websocket
 from tests.fakes.hubrun import HubRunner, open_hub, serve_hub
+from tests.fakes.logwatch import watching
+from tests.fakes.rawproxy import raw_proxy
 from tests.fakes.relay import TcpRelay
 from tests.test_appserver import fake_codex, proxy_config
 
@@ -89,20 +91,49 @@ async def test_wrong_token_is_refused_and_logged_without_the_token(
     ):
         await service.run()
     assert "p1" not in hub.hub.online
-    assert "refusing proxy 'p1'" in caplog.text
+    assert "refusing a proxy from 127.0.0.1" in caplog.text
+    assert "wrong token for proxy 'p1'" in caplog.text  # the operator is told which
     assert "wrong-token-xyz" not in caplog.text
     assert "right-token-p1" not in caplog.text
 
 
-async def test_unknown_proxy_is_refused(tmp_path: Path, hub: HubRunner) -> None:
+async def test_unknown_proxy_is_refused_like_a_wrong_token(
+    tmp_path: Path, hub: HubRunner, caplog: pytest.LogCaptureFixture
+) -> None:
     service = make_proxy(tmp_path, hub, proxy_id="intruder")
     with (
         trio.fail_after(20),
         pytest.RaisesGroup(
-            pytest.RaisesExc(ProxyRefused, match="unknown proxy id"), flatten_subgroups=True
+            # The peer cannot tell an unknown id from a wrong token.
+            pytest.RaisesExc(
+                ProxyRefused, match=r"unknown proxy id or wrong token \(close code 4401\)"
+            ),
+            flatten_subgroups=True,
         ),
     ):
         await service.run()
+    assert "unknown proxy id 'intruder'" in caplog.text
+
+
+async def test_the_same_proxy_started_twice_backs_off_instead_of_flapping(
+    tmp_path: Path, hub: HubRunner, caplog: pytest.LogCaptureFixture, nursery: trio.Nursery
+) -> None:
+    caplog.set_level(logging.INFO)
+    with watching() as log:
+        async with raw_proxy(hub.port, "p1", "right-token-p1"):  # the first one, alive
+            registered = hub.hub.online["p1"]
+            second = make_proxy(tmp_path, hub)  # the same id and token, started again
+            nursery.start_soon(second.run)
+            with trio.fail_after(20):
+                await log.wait_for("retrying in 60 s")
+            closed = await log.wait_for("connection to the manager closed: 4409")
+            assert closed.startswith(
+                "connection to the manager closed: 4409 proxy p1 is already connected from"
+            )
+            assert not second.connected.is_set()
+            assert hub.hub.online["p1"] is registered  # no flapping: the first keeps its place
+            refused = hub.hub.notices.total["second connections of proxy 'p1' refused"]
+            assert refused == 1
 
 
 async def test_a_bad_frame_closes_that_connection_only(hub: HubRunner, proxy: ProxyService) -> None:
@@ -115,7 +146,7 @@ async def test_a_bad_frame_closes_that_connection_only(hub: HubRunner, proxy: Pr
                     await ws.get_message()
         assert info.value.reason is not None
         assert info.value.reason.code == CLOSE_BAD_FRAME
-    # A wrong token from a raw client gets its own close code.
+    # A wrong token from a raw client: refused, with the same code as an unknown id.
     async with connect_websocket(url) as ws:
         await ws.send_message(
             '{"type":"hello","proxy_id":"p2","token":"nope","protocol":'

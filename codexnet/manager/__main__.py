@@ -258,7 +258,7 @@ def _start(
     if args.ws_only:
 
         async def hub_only() -> None:
-            hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
+            hub = Hub.for_config(config)
             await sdnotify.run_ready(
                 partial(hub.serve, host, port, ssl_context=server_ssl),
                 status=f"hub listening on {host}:{port}",
@@ -301,7 +301,7 @@ def _one_shot(
     from codexnet.manager.hub import Hub
     from codexnet.manager.service import TaskFailed, run_once
 
-    hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
+    hub = Hub.for_config(config)
     try:
         result = trio.run(
             lambda: run_once(

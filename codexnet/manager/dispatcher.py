@@ -33,6 +33,7 @@ from codexnet.db import StateError
 from codexnet.manager.hub import Hub, ProxyConn
 from codexnet.manager.store import ApprovalRecord, ManagerStore, Outcome, TaskRecord
 from codexnet.protocol import (
+    CLOSE_FOREIGN,
     ApprovalDecision,
     ApprovalRequest,
     CancelAck,
@@ -50,6 +51,7 @@ from codexnet.protocol import (
 log = logging.getLogger(__name__)
 
 FOREIGN_LOG_EVERY_S: Final = 60.0
+FOREIGN_CLOSE_AFTER: Final = 5  # frames for other proxies' tasks before the link is closed
 
 ApprovalHandler = Callable[[TaskRecord, ApprovalRequest], Awaitable[None]]
 
@@ -122,6 +124,16 @@ class Dispatcher:
         for task in mine:
             if task.state == "sent":
                 await conn.send(self._task_frame(task))
+            elif task.state == "acked" and task.task_id not in held and conn.took_over:
+                # The connection this one replaced stopped answering but may
+                # still be a live proxy holding the task (one config started
+                # twice): not failed on this hello's word; its deadline ends it.
+                log.info(
+                    "task %s: not listed by proxy %r's new connection; it replaced one "
+                    "that may still hold it",
+                    task.task_id,
+                    conn.proxy_id,
+                )
             elif task.state == "acked" and task.task_id not in held:
                 log.warning(
                     "task %s: proxy %r no longer has it (its state was reset?)",
@@ -170,7 +182,7 @@ class Dispatcher:
                 log.debug("%s for a task not open here: %s", frame.type, task_id)
             return
         if task.proxy_id != conn.proxy_id:
-            self._foreign(conn, task, frame)
+            await self._foreign(conn, task, frame)
             return
         if isinstance(frame, TaskAck):
             if task.state == "sent":
@@ -240,8 +252,18 @@ class Dispatcher:
             task.step = event.text
         return True
 
-    def _foreign(self, conn: ProxyConn, task: TaskRecord, frame: ProxyFrame) -> None:
-        """A proxy spoke for a task it does not own: drop it, say so (rate-limited)."""
+    async def _foreign(self, conn: ProxyConn, task: TaskRecord, frame: ProxyFrame) -> None:
+        """A proxy spoke for a task it does not own: drop it, say so (rate-limited);
+        after FOREIGN_CLOSE_AFTER such frames the connection is closed."""
+        conn.foreign_frames += 1
+        if conn.foreign_frames >= FOREIGN_CLOSE_AFTER:
+            log.warning(
+                "proxy %r sent %d frames for other proxies' tasks: disconnecting it",
+                conn.proxy_id,
+                conn.foreign_frames,
+            )
+            await conn.refuse(CLOSE_FOREIGN, "frames for tasks of another proxy")
+            return
         now = time.monotonic()
         if now - self._foreign_logged.get(conn.proxy_id, -FOREIGN_LOG_EVERY_S) >= (
             FOREIGN_LOG_EVERY_S

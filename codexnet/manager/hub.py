@@ -5,11 +5,21 @@ registry of who is online, watches each link's liveness, and hands every
 decoded frame to its `HubListener` (the dispatcher), which owns what the
 frames mean and what must be sent again.
 
+Anyone on the network can connect, so every step before an authenticated
+`hello` is bounded (`frontdoor.py`): connections without a hello are capped
+in all and per address (the oldest is dropped), the WebSocket handshake must
+finish within HANDSHAKE_TIMEOUT_S and the hello within HELLO_TIMEOUT_S, every
+close is bounded, failed authentications back off per address, a browser
+(an `Origin` header) is refused, and an unknown id gets the same close code
+and reason as a wrong token. Strangers are logged once per kind per minute.
+
+A proxy id has one connection. A second hello with the id of a connection
+that still answers heartbeats is refused (CLOSE_DUPLICATE: the same config
+started twice), so the two never flap; a connection that stopped answering
+is replaced at once.
+
 Each connection is handled behind its own error boundary: a misbehaving proxy
-is logged and disconnected, never allowed to take the server down. A proxy
-must say `hello` first with a known id and its own token (compared in
-constant time); otherwise the socket is closed with a 44xx code and a reason
-the proxy logs.
+is logged and disconnected, never allowed to take the server down.
 
 Liveness: the hub pings every proxy every third of `heartbeat_timeout_s`
 (jittered). A link from which nothing (no frame, no pong) arrived for
@@ -20,11 +30,16 @@ waiting for a close handshake that cannot come.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
+import os
 import random
+import resource
+import secrets
 import ssl
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Mapping
 from typing import Final, Protocol
 
@@ -34,17 +49,19 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    serve_websocket,
+    wrap_server_stream,
 )
 
-from codexnet.config import ProxyEntry
+from codexnet.config import ManagerConfig, ProxyEntry
 from codexnet.db import StateError
+from codexnet.manager.frontdoor import FrontDoor, Notices, Pending
 from codexnet.protocol import (
     CLOSE_BAD_FRAME,
+    CLOSE_DUPLICATE,
     CLOSE_HELLO_TIMEOUT,
     CLOSE_PROTOCOL_VERSION,
+    CLOSE_TRY_LATER,
     CLOSE_UNAUTHORIZED,
-    CLOSE_UNKNOWN_PROXY,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Hello,
@@ -59,8 +76,13 @@ from codexnet.protocol import (
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT_S: Final = 10.0
+HANDSHAKE_TIMEOUT_S: Final = 5.0  # accepted → WebSocket (and TLS) handshake done
+HELLO_TIMEOUT_S: Final = 5.0  # handshake done → the hello (a real proxy sends it at once)
 CLOSE_TIMEOUT_S: Final = 2.0  # a close handshake on a dead link never ends: bound it
+DUPLICATE_PROBE_S: Final = 2.0  # how long an online connection has to answer a ping
+ACCEPT_RETRY_S: Final = 0.1
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+DEFAULT_MAX_PENDING_PER_ADDRESS: Final = 32
 CLOSE_STATE_ERROR: Final = 4500
 
 
@@ -85,6 +107,11 @@ class ProxyConn:
     connected_at: float = attrs.Factory(time.time)
     last_heard: float = attrs.Factory(trio.current_time)  # trio time
     rtt: float | None = None  # seconds, of the last heartbeat
+    peer: str = "?"  # address:port, for the logs
+    # It replaced a connection of the same id that had stopped answering: that
+    # one may still hold tasks this hello does not list (see the dispatcher).
+    took_over: bool = False
+    foreign_frames: int = 0  # frames it sent for other proxies' tasks
     closed: trio.Event = attrs.Factory(trio.Event)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _send_lock: trio.StrictFIFOLock = attrs.Factory(trio.StrictFIFOLock)
@@ -98,6 +125,11 @@ class ProxyConn:
         except ConnectionClosed:
             return False
         return True
+
+    async def refuse(self, code: int, reason: str) -> None:
+        """Close this connection with `code` (bounded); its reader then ends."""
+        await _close(self.ws, code, reason)
+        self.scope.cancel()
 
 
 class _NoListener:
@@ -113,9 +145,20 @@ class _NoListener:
 
 class Hub:
     def __init__(
-        self, proxies: Mapping[str, ProxyEntry], *, heartbeat_timeout_s: float = 30.0
+        self,
+        proxies: Mapping[str, ProxyEntry],
+        *,
+        heartbeat_timeout_s: float = 30.0,
+        max_pending: int | None = None,
+        max_pending_per_address: int = DEFAULT_MAX_PENDING_PER_ADDRESS,
     ) -> None:
         self._proxies = proxies
+        if max_pending is None:
+            max_pending = default_max_pending()
+        max_pending_per_address = min(max_pending_per_address, max_pending)
+        self._door = FrontDoor(max_pending, max_pending_per_address)
+        self.notices = Notices()
+        self._registering: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.listener: HubListener = _NoListener()
         self.online: dict[str, ProxyConn] = {}
@@ -125,6 +168,15 @@ class Hub:
         started = time.time()
         for proxy_id in proxies:
             self.offline_since[proxy_id] = started
+
+    @classmethod
+    def for_config(cls, config: ManagerConfig) -> Hub:
+        return cls(
+            config.proxies,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            max_pending=config.hub_max_pending,
+            max_pending_per_address=config.hub_max_pending_per_address,
+        )
 
     def known(self) -> list[str]:
         return sorted(self._proxies)
@@ -169,63 +221,172 @@ class Hub:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve proxies until cancelled (`wss://` with `ssl_context`); `started(port)`."""
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
-                    self._handle,
-                    host,
-                    port,
-                    ssl_context,
-                    max_message_size=MAX_FRAME_BYTES,
-                    message_queue_size=8,
-                    disconnect_timeout=CLOSE_TIMEOUT_S,
-                    task_status=task_status,
-                )
-            )
-            bound = server.port
-            self.port = bound
-            scheme = "wss" if ssl_context else "ws"
-            log.info("waiting for proxies on %s://%s:%d", scheme, host, bound)
-            task_status.started(bound)
-
-    async def _handle(self, request: WebSocketRequest) -> None:
-        """Error boundary: one proxy's failure ends its connection, not the server."""
+        listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+        if ssl_context is not None:
+            listeners = await trio.open_ssl_over_tcp_listeners(port, ssl_context, host=host)
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host)
         try:
-            ws = await request.accept()
-            await self._serve_connection(ws)
-        except* ConnectionClosed:
-            pass  # the normal end of a connection
+            first = listeners[0]
+            raw = first.transport_listener if isinstance(first, trio.SSLListener) else first
+            assert isinstance(raw, trio.SocketListener)
+            bound = raw.socket.getsockname()[1]
+            self.port = bound
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.notices.run)
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                scheme = "wss" if ssl_context else "ws"
+                log.info("waiting for proxies on %s://%s:%d", scheme, host, bound)
+                task_status.started(bound)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                # Out of file descriptors (or memory): free one by dropping the
+                # oldest stranger, and try again shortly; trio's own accept loop
+                # would log a traceback ten times a second.
+                self.notices.note(
+                    "accepts failed for lack of resources",
+                    "cannot accept a connection: %s; dropping the oldest connection "
+                    "without a hello and retrying",
+                    os.strerror(exc.errno or 0),
+                )
+                self._door.evict_oldest()
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
+            nursery.start_soon(self._on_stream, stream)
+
+    async def _on_stream(self, stream: trio.abc.Stream) -> None:
+        """Error boundary: one connection's failure ends it, not the server."""
+        address, peer = _peer(stream)
+        entry, *evicted = self._door.enter(address)
+        for dropped in evicted:
+            self.notices.note(
+                "connections without a hello dropped over the caps",
+                "%d connections have not said hello yet (caps: %d in all, %d per "
+                "address); dropping the oldest, from %s",
+                self._door.pending + 1,
+                self._door.max_pending,
+                self._door.max_pending_per_address,
+                dropped.address,
+            )
+        try:
+            with entry.scope:
+                await self._serve_stream(stream, entry, peer)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer went away: the normal end of a connection
         except* Exception:
             log.exception("proxy connection failed")
+        finally:
+            self._door.leave(entry)
+            await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, ws: WebSocketConnection) -> None:
-        remote = ws.remote
-        peer = f"{remote.address}:{remote.port}" if not isinstance(remote, str) else remote
-        hello = await self._read_hello(ws, peer)
+    async def _serve_stream(self, stream: trio.abc.Stream, entry: Pending, peer: str) -> None:
+        async with trio.open_nursery() as nursery:  # holds the WebSocket's reader task
+            ws = await self._handshake(nursery, stream, peer)
+            if ws is None:
+                nursery.cancel_scope.cancel()
+                return
+            try:
+                await self._serve_connection(ws, entry, peer)
+            except* ConnectionClosed:
+                pass  # the normal end; caught here, or the nursery would cancel the reader
+            finally:
+                await _close(ws)
+                # The reader task completes the peer's side of the close (an
+                # `aclose` elsewhere may be waiting for it); bounded, as a peer
+                # that never answers must not hold the socket.
+                nursery.cancel_scope.deadline = min(
+                    nursery.cancel_scope.deadline, trio.current_time() + CLOSE_TIMEOUT_S
+                )
+
+    async def _handshake(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str
+    ) -> WebSocketConnection | None:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            request = await wrap_server_stream(
+                nursery, stream, message_queue_size=8, max_message_size=MAX_FRAME_BYTES
+            )
+            if _header(request, b"origin") is not None:
+                # Proxies never send Origin; browsers always do: a web page must
+                # not be able to probe the hub from the user's own machine.
+                self.notices.note(
+                    "browser connections refused",
+                    "refusing a connection from %s: it sent an Origin header (a web page?)",
+                    peer,
+                )
+                await request.reject(403, body=b"codexnet hub: no browsers\n")
+                return None
+            return await request.accept()
+        self.notices.note(
+            "connections without a handshake in time",
+            "dropping a connection from %s: no WebSocket handshake within %g s",
+            peer,
+            HANDSHAKE_TIMEOUT_S,
+        )
+        return None
+
+    async def _serve_connection(self, ws: WebSocketConnection, entry: Pending, peer: str) -> None:
+        hello = await self._read_hello(ws, entry.address, peer)
         if hello is None:
             return
-        old = self.online.get(hello.proxy_id)
-        if old is not None:
-            log.warning("proxy %r connected again; dropping its older connection", hello.proxy_id)
-            # Not awaited: an old link that went silent would hold the new one up
-            # for the whole close timeout. Its own handler closes it, bounded.
-            old.scope.cancel()
-        conn = ProxyConn(
-            hello.proxy_id,
-            ws,
-            capacity=hello.capacity,
-            labels=tuple(hello.labels) or self._proxies[hello.proxy_id].labels,
-            version=hello.version,
-            running=len(hello.running),
-        )
-        if not await conn.send(Welcome()):
-            return
-        self.online[hello.proxy_id] = conn
-        self.offline_since.pop(hello.proxy_id, None)
-        self._notify_online_changed()
+        self._door.leave(entry)  # through the door: no longer a stranger
+        proxy_id = hello.proxy_id
+        async with self._registering[proxy_id]:  # one hello of an id at a time
+            old = self.online.get(proxy_id)
+            if old is not None:
+                if await self._still_answers(old):
+                    self.notices.note(
+                        f"second connections of proxy {proxy_id!r} refused",
+                        "refusing a second connection of proxy %r from %s: it is connected "
+                        "from %s and answers heartbeats (two proxies started with one config?)",
+                        proxy_id,
+                        peer,
+                        old.peer,
+                    )
+                    await _close(
+                        ws,
+                        CLOSE_DUPLICATE,
+                        f"proxy {proxy_id} is already connected from {old.peer}",
+                    )
+                    return
+                log.warning(
+                    "proxy %r connected again from %s; its connection from %s stopped "
+                    "answering: replaced",
+                    proxy_id,
+                    peer,
+                    old.peer,
+                )
+                # Not awaited: its own handler closes it, bounded.
+                old.scope.cancel()
+            conn = ProxyConn(
+                proxy_id,
+                ws,
+                capacity=hello.capacity,
+                labels=tuple(hello.labels) or self._proxies[proxy_id].labels,
+                version=hello.version,
+                running=len(hello.running),
+                peer=peer,
+                took_over=old is not None,
+            )
+            if not await conn.send(Welcome()):
+                return
+            self.online[proxy_id] = conn
+            self.offline_since.pop(proxy_id, None)
+            self._notify_online_changed()
         log.info(
             "proxy %r online from %s (%s, capacity %d)",
-            hello.proxy_id,
+            proxy_id,
             peer,
             hello.version or "unknown version",
             hello.capacity,
@@ -239,12 +400,25 @@ class Hub:
                     nursery.cancel_scope.cancel()
         finally:
             conn.closed.set()
-            if self.online.get(hello.proxy_id) is conn:
-                del self.online[hello.proxy_id]
-                self.offline_since[hello.proxy_id] = time.time()
+            if self.online.get(proxy_id) is conn:
+                del self.online[proxy_id]
+                self.offline_since[proxy_id] = time.time()
                 self._notify_online_changed()
-                log.warning("proxy %r went offline", hello.proxy_id)
+                log.warning("proxy %r went offline", proxy_id)
             self.listener.proxy_offline(conn)
+
+    async def _still_answers(self, conn: ProxyConn) -> bool:
+        """Whether an online connection is alive (a second hello of its id is then refused)."""
+        if trio.current_time() - conn.last_heard > self.heartbeat_timeout_s / 2:
+            return False  # a heartbeat is overdue already: it stopped answering
+        with trio.move_on_after(DUPLICATE_PROBE_S):
+            try:
+                await conn.ws.ping()
+            except ConnectionClosed:
+                return False
+            conn.last_heard = trio.current_time()
+            return True
+        return False
 
     async def _heartbeat(self, conn: ProxyConn, session: trio.CancelScope) -> None:
         timeout = self.heartbeat_timeout_s
@@ -269,41 +443,71 @@ class Hub:
             session.cancel()
             return
 
-    async def _read_hello(self, ws: WebSocketConnection, peer: str) -> Hello | None:
+    async def _read_hello(self, ws: WebSocketConnection, address: str, peer: str) -> Hello | None:
+        raw: str | bytes | None = None
         with trio.move_on_after(HELLO_TIMEOUT_S):
             raw = await ws.get_message()
-            break_reason = None
-            try:
-                frame = decode_proxy_frame(raw)
-            except ProtocolError as exc:
-                frame, break_reason = None, str(exc)
+        if raw is None:
+            self.notices.note(
+                "connections without a hello in time",
+                "dropping a connection from %s: no hello within %g s",
+                peer,
+                HELLO_TIMEOUT_S,
+            )
+            await _close(ws, CLOSE_HELLO_TIMEOUT, "no hello")
+            return None
+        try:
+            frame = decode_proxy_frame(raw)
             if not isinstance(frame, Hello):
-                reason = break_reason or f"expected hello, got {frame.type if frame else '?'}"
-                log.warning("refusing connection from %s: %s", peer, reason)
-                await ws.aclose(CLOSE_BAD_FRAME, reason[:120])
-                return None
-            if frame.protocol != PROTOCOL_VERSION:
-                log.warning(
-                    "refusing proxy %r: protocol %d, we speak %d",
-                    frame.proxy_id,
-                    frame.protocol,
-                    PROTOCOL_VERSION,
-                )
-                await ws.aclose(CLOSE_PROTOCOL_VERSION, f"protocol {PROTOCOL_VERSION} required")
-                return None
-            entry = self._proxies.get(frame.proxy_id)
-            if entry is None:
-                log.warning("refusing unknown proxy %r from %s", frame.proxy_id, peer)
-                await ws.aclose(CLOSE_UNKNOWN_PROXY, "unknown proxy id")
-                return None
-            if not hmac.compare_digest(frame.token.encode(), entry.token.encode()):
-                log.warning("refusing proxy %r from %s: wrong token", frame.proxy_id, peer)
-                await ws.aclose(CLOSE_UNAUTHORIZED, "wrong token")
-                return None
-            return frame
-        log.warning("refusing connection from %s: no hello within %.0f s", peer, HELLO_TIMEOUT_S)
-        await ws.aclose(CLOSE_HELLO_TIMEOUT, "no hello")
-        return None
+                raise ProtocolError(f"expected hello, got {frame.type}")
+        except ProtocolError as exc:
+            self.notices.note(
+                "connections refused for a bad first frame",
+                "refusing a connection from %s: %s",
+                peer,
+                exc,
+            )
+            await _close(ws, CLOSE_BAD_FRAME, str(exc)[:120])
+            return None
+        if frame.protocol != PROTOCOL_VERSION:
+            self.notices.note(
+                "proxies refused for their protocol version",
+                "refusing proxy %r from %s: protocol %d, we speak %d (upgrade it)",
+                frame.proxy_id,
+                peer,
+                frame.protocol,
+                PROTOCOL_VERSION,
+            )
+            await _close(ws, CLOSE_PROTOCOL_VERSION, f"protocol {PROTOCOL_VERSION} required")
+            return None
+        turn = self._door.auth_turn(address)
+        if turn is None:
+            self.notices.note(
+                "hellos refused after repeated failed authentications",
+                "refusing a hello from %s for now: too many failed authentications",
+                peer,
+            )
+            await _close(ws, CLOSE_TRY_LATER, "too many failed authentications; retry later")
+            return None
+        await trio.sleep_until(turn)  # failures from this address back off
+        entry = self._proxies.get(frame.proxy_id)
+        # Compared in constant time, against a dummy for an unknown id, so
+        # neither the close code nor the timing tells which ids exist.
+        expected = entry.token if entry is not None else _DUMMY_TOKEN
+        if not hmac.compare_digest(frame.token.encode(), expected.encode()) or entry is None:
+            self._door.auth_failed(address)
+            self.notices.note(
+                "failed authentications",
+                "refusing a proxy from %s: %s",
+                peer,
+                f"unknown proxy id {frame.proxy_id!r}"
+                if entry is None
+                else f"wrong token for proxy {frame.proxy_id!r}",
+            )
+            await _close(ws, CLOSE_UNAUTHORIZED, "unknown proxy id or wrong token")
+            return None
+        self._door.auth_succeeded(address)
+        return frame
 
     async def _read_frames(self, conn: ProxyConn) -> None:
         while True:
@@ -337,3 +541,41 @@ class Hub:
                 await conn.ws.aclose(CLOSE_STATE_ERROR, "the manager cannot store its state")
             return False
         return True
+
+
+def default_max_pending() -> int:
+    """A quarter of the open-file limit, 64 … 4 096: room for a fleet reconnecting at
+    once, while strangers can never take more than a quarter of the descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(64, min(4096, soft // 4))
+
+
+_DUMMY_TOKEN: Final = secrets.token_urlsafe(32)
+
+
+def _peer(stream: trio.abc.Stream) -> tuple[str, str]:
+    """(address, "address:port") of the remote end, for the caps and the logs."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(inner, trio.SocketStream):
+        return "?", "?"
+    try:
+        name = inner.socket.getpeername()
+    except OSError:
+        return "?", "?"
+    host, port = str(name[0]), int(name[1])
+    return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def _header(request: WebSocketRequest, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+async def _close(ws: WebSocketConnection, code: int = 1000, reason: str | None = None) -> None:
+    """Close with `code`, bounded: a peer that never answers the close frame is dropped."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        await ws.aclose(code, reason)

@@ -102,7 +102,7 @@ async def run_manager(
         httpx.AsyncClient(transport=transport, limits=HTTP_LIMITS) as http,
         trio.open_nursery() as nursery,
     ):
-        hub = Hub(config.proxies, heartbeat_timeout_s=config.heartbeat_timeout_s)
+        hub = Hub.for_config(config)
         dispatcher = Dispatcher(store, hub)
         dispatcher.nursery = nursery
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)

@@ -30,15 +30,17 @@ from typing import Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, HandshakeError, WebSocketConnection
 
 import codexnet
 from codexnet.backoff import backoff
-from codexnet.cli import first_leaf
+from codexnet.cli import find_leaf, first_leaf
 from codexnet.config import ProxyConfig
 from codexnet.db import StateError
 from codexnet.events import wait_first
 from codexnet.protocol import (
+    CLOSE_DUPLICATE,
+    CLOSE_FOREIGN,
     CLOSE_PROTOCOL_VERSION,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_PROXY,
@@ -74,9 +76,13 @@ _throttled = Throttle()
 
 HELLO_TIMEOUT_S: Final = 15.0
 RECONNECT_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# Refused because this id is connected already (the same config started twice)
+# or for speaking for another proxy's tasks: coming back fast cannot help.
+REFUSED_BACKOFF_S: Final = (60.0, 120.0, 300.0)
 RECONNECT_AFTER_DROP_S: Final = 0.5
 FORWARD_INTERVAL_S: Final = 0.3  # at most ~3 event batches per second per task
 FATAL_CLOSE_CODES: Final = {CLOSE_UNAUTHORIZED, CLOSE_UNKNOWN_PROXY, CLOSE_PROTOCOL_VERSION}
+HELD_OFF_CLOSE_CODES: Final = {CLOSE_DUPLICATE, CLOSE_FOREIGN}
 
 
 class ProxyRefused(Exception):
@@ -167,9 +173,11 @@ class ProxyService:
 
     async def _connect_loop(self, tasks: trio.Nursery) -> None:
         failures = 0
+        held_off_times = 0
         while True:
             refused: str | None = None
             had_session = False
+            held_off = False
             try:
                 async with connect_websocket(
                     self._config.manager_ws, ssl_context=self._ssl_context
@@ -177,6 +185,7 @@ class ProxyService:
                     await self._session(ws, tasks)
             except* ConnectionClosed as group:
                 refused = _refusal(group)
+                held_off = _close_code(group) in HELD_OFF_CLOSE_CODES
                 log.warning("connection to the manager closed: %s", _close_reason(group))
             except* (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
                 problem = resource_problem(group)
@@ -203,6 +212,13 @@ class ProxyService:
                 self.connected = trio.Event()
             if refused is not None:
                 raise ProxyRefused(refused)
+            if held_off:
+                delay = backoff(REFUSED_BACKOFF_S, held_off_times)
+                held_off_times += 1
+                log.warning("retrying in %.0f s", delay)
+                await trio.sleep(delay * random.uniform(0.9, 1.1))
+                continue
+            held_off_times = 0
             if had_session:
                 # A link that worked just broke: come back at once (what it
                 # carried is replayed), spread over a moment for a whole fleet.
@@ -563,20 +579,31 @@ def _first(group: BaseExceptionGroup[BaseException]) -> str:
     return text
 
 
+def _closed_reason(group: BaseExceptionGroup[ConnectionClosed]) -> CloseReason | None:
+    """The close frame's code and reason, from wherever in the group it sits."""
+    found = find_leaf(
+        group, lambda exc: isinstance(exc, ConnectionClosed) and exc.reason is not None
+    )
+    return found.reason if isinstance(found, ConnectionClosed) else None
+
+
 def _refusal(group: BaseExceptionGroup[ConnectionClosed]) -> str | None:
-    for exc in group.exceptions:
-        reason = exc.reason if isinstance(exc, ConnectionClosed) else None
-        if reason is not None and reason.code in FATAL_CLOSE_CODES:
-            return (
-                f"the manager refused this proxy: {reason.reason or reason.name}"
-                f" (close code {reason.code})"
-            )
+    reason = _closed_reason(group)
+    if reason is not None and reason.code in FATAL_CLOSE_CODES:
+        return (
+            f"the manager refused this proxy: {reason.reason or reason.name}"
+            f" (close code {reason.code})"
+        )
     return None
 
 
+def _close_code(group: BaseExceptionGroup[ConnectionClosed]) -> int | None:
+    reason = _closed_reason(group)
+    return reason.code if reason is not None else None
+
+
 def _close_reason(group: BaseExceptionGroup[ConnectionClosed]) -> str:
-    exc = first_leaf(group)  # the group may nest (a nursery's)
-    reason = exc.reason if isinstance(exc, ConnectionClosed) else None
+    reason = _closed_reason(group)
     if reason is not None:
         return f"{reason.code} {reason.reason or reason.name}"
-    return str(exc)
+    return str(first_leaf(group)) or "closed"

@@ -8,7 +8,8 @@ reached it. As a script:
     python tests/fakes/instant_proxy.py PORT PROTOCOL_VERSION TOKEN [ANSWER_AFTER_S]
 
 prints `ready` once registered, then `arrived <time.monotonic()> <prompt>` for
-every task frame (CLOCK_MONOTONIC is the same clock in every process).
+every task frame (CLOCK_MONOTONIC is the same clock in every process) and
+`stored <task_id>` for every result_ack (the manager has the result in its store).
 """
 
 from __future__ import annotations
@@ -71,14 +72,27 @@ async def serve(port: int, version: int, token: str, delay: float) -> None:
                 print(f"arrived {time.monotonic()} {frame.prompt}", flush=True)
                 send.send_nowait(protocol.encode(protocol.TaskAck(frame.task_id)))
                 nursery.start_soon(answer_later, frame)
+            elif isinstance(frame, protocol.ResultAck):
+                print(f"stored {frame.task_id}", flush=True)
 
 
 class Arrivals:
-    """When each task frame reached the proxy (time.monotonic(), by prompt)."""
+    """When each task frame reached the proxy (time.monotonic(), by prompt), and which
+    results the manager acknowledged (stored)."""
 
     def __init__(self) -> None:
         self.at: dict[str, float] = {}
+        self.stored: set[str] = set()
         self._changed = trio.Event()
+
+    def add_stored(self, task_id: str) -> None:
+        self.stored.add(task_id)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_stored(self, count: int) -> None:
+        while len(self.stored) < count:
+            await self._changed.wait()
 
     def add(self, prompt: str, at: float) -> None:
         self.at.setdefault(prompt, at)
@@ -133,6 +147,8 @@ async def instant_proxy(
                 elif word == "arrived":
                     at, _, prompt = rest.partition(" ")
                     arrived.add(prompt, float(at))
+                elif word == "stored":
+                    arrived.add_stored(rest)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -245,15 +244,14 @@ class ServiceProcess:
         name: str | None = None,
         args: Sequence[str] = (),
         log_level: str = "INFO",
-        nofile: tuple[int, int] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.config = dict(config)
-        # RLIMIT_NOFILE (soft, hard) to start the process with, as systemd's LimitNOFILE=.
-        self.nofile = nofile
         self.directory = Path(directory)
         self.env = dict(os.environ if env is None else env)
         self.name = name or self.module.rpartition(".")[2]
         self.args = list(args)
+        self.prefix = list(prefix)  # e.g. ["prlimit", "--nofile=1024:1024", "--"]; it execs
         self.log_level = log_level
         self.config_path = self.directory / "config.json"
         self.lines: list[str] = []
@@ -271,6 +269,7 @@ class ServiceProcess:
     @property
     def command(self) -> list[str]:
         return [
+            *self.prefix,
             sys.executable,
             "-u",
             "-m",
@@ -297,17 +296,11 @@ class ServiceProcess:
                 env=self.env,
                 cwd=self.directory,
                 start_new_session=True,  # its own group: kill() can take the group down
-                preexec_fn=self._limits if self.nofile else None,
             )
             stack.push_async_callback(self._reap, nursery)
             nursery.start_soon(self._read_output)
             self._stack = stack.pop_all()
         return self
-
-    def _limits(self) -> None:
-        """In the child, before exec: its open-files limit."""
-        assert self.nofile is not None
-        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     async def __aexit__(
         self,
