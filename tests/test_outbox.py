@@ -375,8 +375,8 @@ async def test_2000_waiting_sends_cost_2000_wakeups(
                 )
     assert outbox.stats.sent == 2000
     assert outbox.stats.wakeups == 2000  # each waiting send woken once, when it may go
-    # The scheduler wakes about once per send too (a timer or a lane freed), not per waiter.
-    assert outbox.stats.scheduler_wakeups <= 2 * 2000
+    # The scheduler wakes at most once per send too: only when something may go.
+    assert outbox.stats.scheduler_wakeups <= 2000
     assert fake.stats.too_many_requests == 0
 
 

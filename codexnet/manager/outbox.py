@@ -180,6 +180,10 @@ class Outbox:
         self._tiebreak = itertools.count()
         self._seq = itertools.count()
         self._wake = trio.Event()
+        # When the sleeping scheduler will look next, and the earliest the global
+        # bucket lets anything go: a lane that cannot go before that needs no wake-up.
+        self._next_look = -math.inf
+        self._global_free = 0.0
         self._last_message_id: dict[int, int] = {}
         self._stopping = False
         # Chat actions are cosmetic: at most this many in flight, so a burst of
@@ -385,7 +389,8 @@ class Outbox:
         now = trio.current_time()
         at = max(lane.bucket.ready_at(now), lane.paused_until)
         heapq.heappush(self._timers, (at, next(self._tiebreak), lane.version, lane))
-        self._wake.set()
+        if max(at, self._global_free) < self._next_look:
+            self._wake.set()
 
     def _release(self, lane: _Lane) -> None:
         lane.busy = False
@@ -416,8 +421,9 @@ class Outbox:
             while self._ready and not self._valid(self._ready[0]):
                 heapq.heappop(self._ready)
             target = math.inf
+            global_at = self._global.ready_at(now)
             if self._ready:
-                at = self._global.ready_at(now)
+                at = global_at
                 if at <= now:
                     _, start, *_, lane = heapq.heappop(self._ready)
                     self._vclock = max(self._vclock, start)
@@ -432,12 +438,16 @@ class Outbox:
                     self.stats.sent += 1
                     item.go.set()
                     continue
+                # Nothing can go before the global bucket allows: lanes whose timers
+                # fall due meanwhile join the ready heap then, in one wake-up.
                 target = at
-            if self._timers:
-                target = min(target, self._timers[0][0])
+            elif self._timers:
+                target = max(self._timers[0][0], global_at)
             self._wake = trio.Event()
+            self._next_look, self._global_free = target, global_at
             with trio.move_on_at(target):
                 await self._wake.wait()
+            self._next_look = -math.inf  # awake: _schedule's changes are seen anyway
             self.stats.scheduler_wakeups += 1
 
     @staticmethod
