@@ -3,22 +3,29 @@
 The loader (`codexnet.config`) rejects what cannot be parsed. These checks look
 at values that parse but cannot work, or barely: weak or mistyped tokens, a
 `codex_bin` that is not there, a `state_dir` nobody can write, no proxies, an
-empty allowlist. Each finding names the file and the key.
+empty allowlist — and at what would give the secrets away: a config file
+holding tokens that others may read (a warning) or change (world-writable:
+an error), a proxy talking plain `ws://` to another machine. Each finding
+names the file and the key.
 
 `--check-config` prints every finding (a warning keeps exit code 0, an error
-makes it 2); a service start refuses on errors only, before anything starts,
-so that a unit with `RestartPreventExitStatus=2` does not loop on them.
+makes it 2); a service start logs the warnings and refuses on errors, before
+anything starts, so that a unit with `RestartPreventExitStatus=2` does not
+loop on them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -45,6 +52,8 @@ class Finding:
     fatal: bool
 
     def __str__(self) -> str:
+        if not self.key:  # about the file itself
+            return f"{self.source}: {self.message}"
         return f"{self.source}: {self.key}: {self.message}"
 
 
@@ -104,6 +113,86 @@ def state_dir_problem(path: Path, *, create: bool) -> str | None:
     return None
 
 
+_CAN: Final = {0o4: "read", 0o2: "change", 0o6: "read and change"}
+
+
+def file_mode_problem(
+    path: Path, secrets: list[str], environ: Mapping[str, str] | None = None
+) -> tuple[str, bool] | None:
+    """What is wrong with who may read or change a config file holding `secrets`:
+    (message, fatal), or None. World-writable is fatal: anyone on the machine
+    could put their own tokens (or `codex_bin`) in it.
+
+    A systemd credential is left alone: systemd makes it 0400 and grants the
+    service's user read access with an ACL, which shows as a group bit
+    (0440), and its directory is the service's alone. (Run `--check-config`
+    on the original file to check that one.)
+    """
+    if not secrets:
+        return None
+    credentials = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if credentials and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(credentials)):
+        return None
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None  # not a file we read (the settings came from the environment)
+    if not mode & 0o066:  # (execute bits let nobody read or change it)
+        return None
+    holds = f"holds secrets ({', '.join(secrets)})"
+    fix = f"fix: chmod 600 {path}"
+    if mode & 0o002:
+        return (
+            f"{holds} and is world-writable (mode {mode:04o}): anyone on this machine "
+            f"can change it; {fix}",
+            True,
+        )
+    who = [
+        f"{name} may {can} it"
+        for name, bits in (("its group", (mode >> 3) & 0o7), ("others", mode & 0o7))
+        if (can := _CAN.get(bits & 0o6))
+    ]
+    return f"{holds} but {', '.join(who)} (mode {mode:04o}); {fix}", False
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, localhost (and *.localhost, which resolve to it)."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may be anywhere
+
+
+def plain_ws_problem(url: str) -> str | None:
+    """Why a `ws://` URL to another machine exposes the token and the prompts, or None."""
+    parts = urlsplit(url)
+    if parts.scheme != "ws":
+        return None
+    host = parts.hostname or ""
+    if is_loopback(host):
+        return None
+    return (
+        f"plain ws:// to {host}, another machine: the proxy token and every prompt and "
+        "answer cross the network unencrypted; use wss:// (the manager's manager_tls_cert "
+        "and manager_tls_key), with manager_ca_file here if its certificate is self-signed"
+    )
+
+
+def open_listen_problem(host: str, port: int, *, tls: bool) -> str | None:
+    """Why a hub listening beyond this machine without TLS exposes the tokens, or None."""
+    if tls or is_loopback(host):
+        return None
+    where = "every address" if host in ("", "0.0.0.0", "::") else host
+    return (
+        f"the hub listens on {where} (port {port}) without manager_tls_cert: proxy tokens and "
+        "every prompt and answer cross the network unencrypted; set manager_tls_cert and "
+        "manager_tls_key (proxies then use wss://), or listen on 127.0.0.1 behind a tunnel"
+    )
+
+
 def pinned_codex() -> Path:
     """The codex that scripts/install.sh put into this checkout."""
     return Path(__file__).resolve().parent.parent / PINNED_CODEX
@@ -130,12 +219,28 @@ def resolve_codex_bin(codex_bin: str, environ: Mapping[str, str] | None = None) 
 # --------------------------------------------------------------------------- per role
 
 
-def check_manager(config: ManagerConfig, *, state_dir: StateDirCheck = "check") -> list[Finding]:
+def check_manager(
+    config: ManagerConfig,
+    *,
+    state_dir: StateDirCheck = "check",
+    environ: Mapping[str, str] | None = None,
+) -> list[Finding]:
+    environ = os.environ if environ is None else environ
     source = config.source
     found: list[Finding] = []
 
     def add(key: str, message: str, *, fatal: bool) -> None:
         found.append(Finding(source, key, message, fatal))
+
+    # What the file holds (the rest may come from the environment).
+    held = []
+    if config.telegram_bot_token and not environ.get("TELEGRAM_BOT_TOKEN"):
+        held.append("telegram_bot_token")
+    if config.proxies:
+        held.append("proxies.*.token")
+    mode = file_mode_problem(Path(source), held, environ)
+    if mode is not None:
+        add("", mode[0], fatal=mode[1])
 
     token = config.telegram_bot_token
     if token is not None:
@@ -172,6 +277,10 @@ def check_manager(config: ManagerConfig, *, state_dir: StateDirCheck = "check") 
                 fatal=True,
             )
         seen.setdefault(entry.token, proxy_id)
+    host, port = config.manager_ws_listen
+    listen = open_listen_problem(host, port, tls=config.manager_tls_cert is not None)
+    if listen is not None:
+        add("manager_ws_listen", listen, fatal=False)
     if state_dir != "skip":
         # Last, and nothing is created for a config that is refused anyway.
         create = state_dir == "create" and not errors(found)
@@ -187,11 +296,19 @@ def check_proxy(
     state_dir: StateDirCheck = "check",
     environ: Mapping[str, str] | None = None,
 ) -> list[Finding]:
+    environ = os.environ if environ is None else environ
     source = config.source
     found: list[Finding] = []
+    held = [] if environ.get("CODEXNET_PROXY_TOKEN") else ["proxy_token"]
+    mode = file_mode_problem(Path(source), held, environ)
+    if mode is not None:
+        found.append(Finding(source, "", *mode))
     problem = token_problem(config.proxy_token)
     if problem is not None:
         found.append(Finding(source, "proxy_token", problem, True))
+    problem = plain_ws_problem(config.manager_ws)
+    if problem is not None:
+        found.append(Finding(source, "manager_ws", problem, False))
     if resolve_codex_bin(config.codex_bin, environ) is None:
         where = "does not exist" if os.sep in config.codex_bin else "not found on PATH"
         found.append(

@@ -5,10 +5,19 @@ well-kept JSON5 parser, which accepts JSONC). Every error names the file and
 the key, e.g. ``codex_config.json: proxies.proxy1.token: expected a string``,
 so a person can fix it without reading code. Unknown keys are errors too: a
 typo silently ignored is a setting silently not applied.
+
+Every value is checked here, at load, so that nothing odd surfaces later as a
+traceback or an "Internal error" in a chat (docs/SECURITY.md): the file must be
+UTF-8 and nest at most `MAX_CONFIG_DEPTH` deep (checked before the parser,
+which recurses); numbers must be finite and in a sane range (JSON5 reads
+`NaN` and `Infinity`); strings hold no control character or lone surrogate;
+tokens have no whitespace at either end (a pasted newline); proxy ids and
+labels are what a `hello` may carry. An error is one line.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import ssl
@@ -20,12 +29,27 @@ import attrs
 import json5
 
 from codexnet.logs import register_secret
+from codexnet.protocol import (
+    CONTROL_CHAR,
+    MAX_CAPACITY,
+    MAX_LABELS,
+    MAX_TIMEOUT_S,
+    MAX_TOKEN_CHARS,
+    label_problem,
+    proxy_id_problem,
+)
 
 DEFAULT_MANAGER_CONFIG: Final = "codex_config.json"
 DEFAULT_PROXY_CONFIG: Final = "proxy_config.json"
 DEFAULT_TELEGRAM_API_BASE: Final = "https://api.telegram.org"
 APPROVAL_POLICIES: Final = ("untrusted", "on-request", "never")
 SANDBOX_MODES: Final = ("read-only", "workspace-write", "danger-full-access")
+MAX_CONFIG_DEPTH: Final = 16  # ours nest 4 deep (proxies → id → labels → label)
+MAX_DELIVERY_S: Final = 30 * 86400.0
+MAX_INTERVAL_S: Final = 3600.0
+MAX_USER_ID: Final = 2**53
+MAX_OPEN_APPROVALS: Final = 100
+MAX_PENDING: Final = 100_000  # unregistered sockets at the hub; beyond any open-files limit
 
 T = TypeVar("T")
 
@@ -75,6 +99,7 @@ class ManagerConfig:
     delivery_give_up_s: float = 86400.0
     hub_max_pending: int | None = None  # None: from the open-file limit (see Hub)
     hub_max_pending_per_address: int = 32
+    max_open_approvals_per_task: int = 3
     manager_tls_cert: Path | None = None
     manager_tls_key: Path | None = None
 
@@ -149,7 +174,7 @@ def jsonc_error(path: Path | str, exc: ValueError) -> ConfigError:
     """A json5 parse error as `file: not valid JSONC: line 3, column 10: …`."""
     match = _JSON5_ERROR.match(str(exc))
     if match is None:
-        return ConfigError(f"{path}: not valid JSONC: {exc}")
+        return ConfigError(f"{path}: not valid JSONC: {one_line(str(exc))}")
     line, what, column = match.groups()
     # json5 quotes the offending character raw; a raw newline would split our one line.
     what = what.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
@@ -157,10 +182,48 @@ def jsonc_error(path: Path | str, exc: ValueError) -> ConfigError:
     return ConfigError(f"{path}: not valid JSONC: {where}: {what}")
 
 
+def one_line(text: str) -> str:
+    """`text` with control characters escaped, so an error stays one line."""
+    return (
+        CONTROL_CHAR.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+        .encode("utf-8", "backslashreplace")
+        .decode("utf-8")
+    )
+
+
+def _show(value: object, limit: int = 40) -> str:
+    text = one_line(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def jsonc_too_deep(text: str, limit: int = MAX_CONFIG_DEPTH) -> int | None:
+    """The line where JSONC `text` nests deeper than `limit`, or None; without recursion.
+
+    Brackets in strings (either quote) and comments do not count.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return None
+    depth = 0
+    for token in _JSONC_TOKEN.finditer(text):
+        char = token[0]
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return text.count("\n", 0, token.start()) + 1
+        elif char in "]}":
+            depth -= 1
+    return None
+
+
+_JSONC_TOKEN: Final = re.compile(
+    r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|//[^\n]*|/\*.*?\*/|[\[\]{}]""", re.DOTALL
+)
+
+
 def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
     """Parse a JSONC file into a dict; a missing optional file reads as empty."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         if required:
             raise ConfigMissing(path) from None
@@ -170,9 +233,24 @@ def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8: byte 0x{raw[exc.start]:02x} at line {line}, column {column}"
+        ) from None
+    deep = jsonc_too_deep(text)
+    if deep is not None:
+        raise ConfigError(
+            f"{path}: not valid JSONC: line {deep}: nested deeper than {MAX_CONFIG_DEPTH} levels"
+        )
+    try:
         data = json5.loads(text)
     except ValueError as exc:
         raise jsonc_error(path, exc) from None
+    except RecursionError:  # jsonc_too_deep should have said so first
+        raise ConfigError(f"{path}: not valid JSONC: nested too deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected an object at the top level")
     return data
@@ -188,7 +266,8 @@ class _Reader:
         self.seen: set[str] = set()
 
     def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.prefix}{key}: {message}")
+        # A key may be anything the file holds (a newline, say): one line still.
+        return ConfigError(f"{self.source}: {one_line(self.prefix + key)}: {one_line(message)}")
 
     def get(self, key: str, kind: Callable[[str, Any], T], default: T) -> T:
         self.seen.add(key)
@@ -217,34 +296,76 @@ class _Reader:
     def string(self, key: str, value: Any) -> str:
         if not isinstance(value, str):
             raise self.error(key, "expected a string")
+        bad = _UNSAFE.search(value)
+        if bad is not None:
+            what = "a lone surrogate" if "\ud800" <= bad[0] <= "\udfff" else "a control character"
+            raise self.error(
+                key, f"contains {what} (U+{ord(bad[0]):04X}) at position {bad.start()}"
+            )
         return value
+
+    def token(self, key: str, value: Any) -> str:
+        if isinstance(value, str) and value != value.strip():
+            # A newline pasted with it passed every check and then broke start-up.
+            raise self.error(key, "has leading or trailing whitespace (a pasted newline or space?)")
+        text = self.string(key, value)
+        if len(text) > MAX_TOKEN_CHARS:
+            raise self.error(key, f"longer than {MAX_TOKEN_CHARS} characters ({len(text)})")
+        return text
 
     def integer(self, key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, "expected an integer")
         return value
 
-    def positive_number(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise self.error(key, "expected a positive number")
-        return float(value)
+    def integer_in(self, low: int, high: int) -> Callable[[str, Any], int]:
+        def check(key: str, value: Any) -> int:
+            number = self.integer(key, value)
+            if not low <= number <= high:
+                raise self.error(key, f"expected an integer in {low}..{high}, got {_show(number)}")
+            return number
 
-    def non_negative_number(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise self.error(key, "expected a number of at least 0")
-        return float(value)
+        return check
+
+    def seconds(self, high: float, *, zero: bool = False) -> Callable[[str, Any], float]:
+        """A finite number of seconds, above 0 (or at least 0) and at most `high`."""
+
+        def check(key: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self.error(key, "expected a number of seconds")
+            ok = math.isfinite(value) and (value >= 0 if zero else value > 0) and value <= high
+            if not ok:
+                low = "[0" if zero else "(0"
+                top = int(high) if float(high).is_integer() else high
+                raise self.error(
+                    key, f"expected a number of seconds in {low}, {top}], got {_show(value)}"
+                )
+            return float(value)
+
+        return check
 
     def heartbeat(self, key: str, value: Any) -> float:
-        seconds = self.positive_number(key, value)
+        seconds = self.seconds(3600)(key, value)
         if not 3 <= seconds <= 3600:
             raise self.error(key, "expected 3..3600 seconds")
         return seconds
 
-    def pending_cap(self, key: str, value: Any) -> int:
-        count = self.integer(key, value)
-        if not 1 <= count <= 100_000:
-            raise self.error(key, "expected 1..100000 connections")
-        return count
+    def proxy_id(self, key: str, value: Any) -> str:
+        text = self.string(key, value)
+        problem = proxy_id_problem(text)
+        if problem is not None:
+            raise self.error(key, f"not a usable proxy id: {problem}")
+        return text
+
+    def labels(self, key: str, value: Any) -> tuple[str, ...]:
+        labels = self.strings(key, value)
+        if len(labels) > MAX_LABELS:
+            raise self.error(key, f"more than {MAX_LABELS} labels ({len(labels)})")
+        for index, label in enumerate(labels):
+            problem = label_problem(label)
+            if problem is not None:
+                raise self.error(f"{key}[{index}]", problem)
+        return labels
 
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):
@@ -260,20 +381,27 @@ class _Reader:
     def strings(self, key: str, value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(key, "expected a list of strings")
+        for index, text in enumerate(value):
+            self.string(f"{key}[{index}]", text)
         return tuple(value)
 
     def user_ids(self, key: str, value: Any) -> frozenset[int]:
         if isinstance(value, str):  # the environment form: "1,2,3"
             parts = [p.strip() for p in value.split(",") if p.strip()]
             try:
-                return frozenset(int(p) for p in parts)
+                ids = [int(p) for p in parts]
             except ValueError:
                 raise self.error(key, "expected a comma-separated list of user ids") from None
-        if not isinstance(value, list) or not all(
+        elif isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
+            ids = value
+        else:
             raise self.error(key, "expected a list of integer user ids")
-        return frozenset(value)
+        for user_id in ids:
+            if not 1 <= user_id <= MAX_USER_ID:
+                raise self.error(key, f"{_show(user_id)} is not a Telegram user id")
+        return frozenset(ids)
 
     def listen(self, key: str, value: Any) -> tuple[str, int]:
         text = self.string(key, value)
@@ -290,6 +418,10 @@ class _Reader:
             return text
 
         return check
+
+
+# NUL and the other control characters, and lone surrogates: no config string has a use for them.
+_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def parse_listen(text: str, source: str = "--ws-listen") -> tuple[str, int]:
@@ -345,7 +477,7 @@ def load_manager_config(
     data = _apply_env(read_config_file(file, required=required), env, MANAGER_ENV)
     r = _Reader(str(file), data)
 
-    token = r.get("telegram_bot_token", r.string, None)
+    token = r.get("telegram_bot_token", r.token, None)
     if require_telegram and not token:
         raise r.error("telegram_bot_token", "required (or set TELEGRAM_BOT_TOKEN)")
     register_secret(token)
@@ -357,10 +489,11 @@ def load_manager_config(
     raw_proxies: dict[str, Any] = r.get("proxies", lambda k, v: v, {})
     proxies_reader = r.child("proxies", raw_proxies)
     for proxy_id, raw in raw_proxies.items():
+        proxies_reader.proxy_id(proxy_id, proxy_id)
         pr = proxies_reader.child(proxy_id, raw)
         entry = ProxyEntry(
-            token=pr.require("token", pr.string),
-            labels=pr.get("labels", pr.strings, ()),
+            token=pr.require("token", pr.token),
+            labels=pr.get("labels", pr.labels, ()),
         )
         pr.check_unknown()
         register_secret(entry.token)
@@ -379,17 +512,22 @@ def load_manager_config(
         default_proxy=default_proxy,
         proxies=proxies,
         state_dir=Path(r.get("state_dir", r.string, "state")),
-        task_timeout_s=r.get("task_timeout_s", r.positive_number, 1800.0),
+        task_timeout_s=r.get("task_timeout_s", r.seconds(MAX_TIMEOUT_S), 1800.0),
         telegram_poll_timeout_s=r.get("telegram_poll_timeout_s", r.integer, 50),
-        proxy_wait_s=r.get("proxy_wait_s", r.non_negative_number, 20.0),
-        live_interval_private_s=r.get("live_interval_private_s", r.positive_number, 1.0),
-        live_interval_group_s=r.get("live_interval_group_s", r.positive_number, 3.0),
+        proxy_wait_s=r.get("proxy_wait_s", r.seconds(86400, zero=True), 20.0),
+        live_interval_private_s=r.get("live_interval_private_s", r.seconds(MAX_INTERVAL_S), 1.0),
+        live_interval_group_s=r.get("live_interval_group_s", r.seconds(MAX_INTERVAL_S), 3.0),
         use_drafts=r.get("use_drafts", r.boolean, True),
-        approval_timeout_s=r.get("approval_timeout_s", r.positive_number, 600.0),
+        approval_timeout_s=r.get("approval_timeout_s", r.seconds(MAX_TIMEOUT_S), 600.0),
         heartbeat_timeout_s=r.get("heartbeat_timeout_s", r.heartbeat, 30.0),
-        delivery_give_up_s=r.get("delivery_give_up_s", r.positive_number, 86400.0),
-        hub_max_pending=r.get("hub_max_pending", r.pending_cap, None),
-        hub_max_pending_per_address=r.get("hub_max_pending_per_address", r.pending_cap, 32),
+        delivery_give_up_s=r.get("delivery_give_up_s", r.seconds(MAX_DELIVERY_S), 86400.0),
+        hub_max_pending=r.get("hub_max_pending", r.integer_in(1, MAX_PENDING), None),
+        hub_max_pending_per_address=r.get(
+            "hub_max_pending_per_address", r.integer_in(1, MAX_PENDING), 32
+        ),
+        max_open_approvals_per_task=r.get(
+            "max_open_approvals_per_task", r.integer_in(1, MAX_OPEN_APPROVALS), 3
+        ),
         manager_tls_cert=r.get("manager_tls_cert", r.existing_file, None),
         manager_tls_key=r.get("manager_tls_key", r.existing_file, None),
     )
@@ -434,11 +572,9 @@ def load_proxy_config(
     manager_ws = r.require("manager_ws", r.string)
     if not manager_ws.startswith(("ws://", "wss://")):
         raise r.error("manager_ws", f"expected a ws:// or wss:// URL, got {manager_ws!r}")
-    token = r.require("proxy_token", r.string)
+    token = r.require("proxy_token", r.token)
     register_secret(token)
-    capacity = r.get("capacity", r.integer, 2)
-    if capacity < 1:
-        raise r.error("capacity", "expected an integer of at least 1")
+    capacity = r.get("capacity", r.integer_in(1, MAX_CAPACITY), 2)
     cwd = Path(r.get("codex_cwd", r.string, os.getcwd())).expanduser()
     if not cwd.is_absolute():
         cwd = Path.cwd() / cwd
@@ -446,7 +582,7 @@ def load_proxy_config(
         # Codex accepts a missing cwd and then fails every shell command: catch it here.
         raise r.error("codex_cwd", f"{str(cwd)!r} is not a directory")
 
-    proxy_id = r.require("proxy_id", r.string)
+    proxy_id = r.require("proxy_id", r.proxy_id)
     config = ProxyConfig(
         source=str(file),
         manager_ws=manager_ws,
@@ -457,14 +593,16 @@ def load_proxy_config(
         approval_policy=r.get("approval_policy", r.choice(APPROVAL_POLICIES), "on-request"),
         sandbox=r.get("sandbox", r.choice(SANDBOX_MODES), "workspace-write"),
         capacity=capacity,
-        labels=r.get("labels", r.strings, ()),
+        labels=r.get("labels", r.labels, ()),
         http_proxy=r.get("http_proxy", r.string, None),
         https_proxy=r.get("https_proxy", r.string, None),
         no_proxy=r.get("no_proxy", r.string, None),
         state_dir=Path(r.get("state_dir", r.string, f"state/proxy-{proxy_id}")).expanduser(),
         heartbeat_timeout_s=r.get("heartbeat_timeout_s", r.heartbeat, 30.0),
         manager_ca_file=r.get("manager_ca_file", r.existing_file, None),
-        thread_idle_unload_s=r.get("thread_idle_unload_s", r.non_negative_number, 1800.0),
+        thread_idle_unload_s=r.get(
+            "thread_idle_unload_s", r.seconds(MAX_TIMEOUT_S, zero=True), 1800.0
+        ),
     )
     r.check_unknown()
     return config

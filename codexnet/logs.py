@@ -6,7 +6,14 @@ URLs at INFO. Two defences, both always on:
 1. the `httpx` and `httpcore` loggers are raised to WARNING;
 2. a filter on every root handler formats each record and replaces any secret it
    knows about (registered with `register_secret`) and anything shaped like a bot
-   token with `<redacted>`, so even a stray `log.info("%s", url)` cannot leak one.
+   token with `<redacted>`, so even a stray `log.info("%s", url)` cannot leak one
+   (`codexnet/redaction.py`: one pass per line, whatever the number of secrets).
+
+Peers supply much of what is logged (a hello's `version`, ids, labels,
+Telegram names and text), and a newline in any of it would forge a log line.
+The same filter first escapes control characters (C0, DEL, C1, U+2028/2029)
+in the record's *arguments* — not in its format string, not in a traceback —
+so every call site is covered: `\n` is logged as the two characters `\\n`.
 
 Under systemd, stderr is a journald stream (`$JOURNAL_STREAM` names it): then
 lines carry no timestamp of our own (journald adds one) and start with a
@@ -18,41 +25,75 @@ message of its own.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 import sys
-import threading
 from collections.abc import Mapping
 from typing import Final
 
-REDACTED: Final = "<redacted>"
-# `bot<digits>:<secret>` as it appears in Bot API URLs, and bare `<digits>:<secret>` tokens.
-_BOT_TOKEN_RE: Final = re.compile(r"\b(bot)?\d{3,}:[A-Za-z0-9_-]{20,}")
+# Re-exported: the rest of codexnet registers and redacts through this module.
+from codexnet.redaction import REDACTED as REDACTED
+from codexnet.redaction import redact as redact
+from codexnet.redaction import register_secret as register_secret
 
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-
-
-def register_secret(secret: str | None) -> None:
-    """Make `secret` unloggable from now on (short strings are ignored: too many false hits)."""
-    if secret and len(secret) >= 6:
-        with _secrets_lock:
-            _secrets.add(secret)
+# C0 controls, DEL, C1 controls, the Unicode line and paragraph separators.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def redact(text: str) -> str:
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return _BOT_TOKEN_RE.sub(REDACTED, text)
+def escape_controls(text: str) -> str:
+    """`text` with each control character as a visible escape (`\\n`, `\\x1b`, `\\u2028`)."""
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match[0]
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+class _Escaped:
+    """A log argument that renders (`%s`, `%r`, `%-10s`) with its control characters escaped."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: object) -> None:
+        self._value = value
+
+    def __str__(self) -> str:
+        return escape_controls(str(self._value))
+
+    def __repr__(self) -> str:
+        return escape_controls(repr(self._value))
+
+
+def _escaped(value: object) -> object:
+    # Numbers stay numbers (`%d`, `%.1f` need them) and cannot hold a newline.
+    if value is None or isinstance(value, numbers.Number):
+        return value
+    return _Escaped(value)
+
+
+def escape_arguments(record: logging.LogRecord) -> None:
+    """Make every argument of `record` render without control characters."""
+    args = record.args
+    if not args:
+        return
+    if isinstance(args, Mapping):
+        record.args = {key: _escaped(value) for key, value in args.items()}
+    else:
+        record.args = tuple(_escaped(value) for value in args)
 
 
 class RedactingFilter(logging.Filter):
-    """Render the record's message once, redact it, and freeze the result."""
+    """Render the record's message once (arguments escaped), redact it, and freeze the result."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        escape_arguments(record)
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

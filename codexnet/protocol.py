@@ -6,6 +6,18 @@ because both ends are ours: a mismatch means a version skew or a bug and must
 be loud. All decode failures become one `ProtocolError` at this boundary —
 cattrs raises exception groups, which must never reach a nursery.
 
+The other end may also be hostile or broken, so decoding is where bad input
+stops (docs/SECURITY.md): nesting deeper than `MAX_DEPTH` is refused before
+`json.loads` sees it (measured without recursion: a 100 000-deep frame made
+the parser raise RecursionError, which ended the proxy), NaN and Infinity are
+not numbers, every value has its exact JSON type (no `"5"` for 5), every
+number is finite and in range, ids are short and of a safe alphabet, and no
+string holds NUL or a lone surrogate (either breaks the UTF-8 that SQLite and
+Telegram need later). What the decoder
+rejects, `encode` never produces from our own text: it replaces NUL and lone
+surrogates with U+FFFD, so one odd answer cannot make a frame that its
+receiver refuses on every reconnect.
+
 Delivery (docs/ARCHITECTURE.md): every frame that must arrive is sent again
 until the other side acknowledges it, and its receiver applies it once:
 
@@ -21,7 +33,11 @@ reconnect while open; the manager keys them by (task id, approval id).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import re
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, get_args
 
 import attrs
@@ -42,6 +58,29 @@ CLOSE_PROTOCOL_VERSION: Final = 4426
 CLOSE_TRY_LATER: Final = 4429  # too many failed authentications from this address
 
 TaskStatus = Literal["completed", "failed", "interrupted", "timeout"]
+
+# What a well-formed frame can hold (docs/SECURITY.md). Our frames nest three
+# deep (frame → usage → value), so 16 is generous.
+MAX_DEPTH: Final = 16
+MAX_ID_CHARS: Final = 128  # task, approval and thread ids
+MAX_TOKEN_CHARS: Final = 1024
+MAX_VERSION_CHARS: Final = 200
+MAX_KIND_CHARS: Final = 64
+MAX_LABEL_CHARS: Final = 64
+MAX_LABELS: Final = 32
+MAX_LISTED_TASKS: Final = 100_000  # a hello's running/finished lists
+MAX_USAGE_KEYS: Final = 64
+MAX_CAPACITY: Final = 1000
+MAX_COUNT: Final = 2**53  # JSON's exact integers
+MAX_TIMEOUT_S: Final = 7 * 86400.0  # a week; a task's timeout is at most that
+# The setup wizard's alphabet for proxy ids (they also name state directories).
+PROXY_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PROXY_ID_ALPHABET: Final = "_ . -"
+ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")  # MAX_ID_CHARS
+# NUL and lone surrogates (a Python str holds a surrogate only when it is lone).
+_UNSAFE_CHAR: Final = re.compile("[\x00\ud800-\udfff]")
+# C0, DEL, C1 and the Unicode line and paragraph separators.
+CONTROL_CHAR: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ProtocolError(Exception):
@@ -176,7 +215,57 @@ ProxyFrame = (
 ManagerFrame = Welcome | Task | TaskCancel | ApprovalDecision | ResultAck
 Frame = ProxyFrame | ManagerFrame
 
+
+# Exact JSON types: cattrs alone would turn 5 into "5", "5" into 5 and 2.7 into 2.
+def _structure_str(value: Any, _: type) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+def _structure_int(value: Any, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("expected an integer")
+    return value
+
+
+def _structure_float(value: Any, _: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("expected a number")
+    if isinstance(value, int) and abs(value) > MAX_COUNT:
+        raise ValueError("number out of range")
+    return float(value)
+
+
+def unsafe(text: str) -> bool:
+    """True if `text` holds NUL or a lone surrogate.
+
+    Without a regex over the whole text (~6 ns a character, 0.6 ms for a
+    100 kB answer): an ASCII string cannot hold a surrogate, and UTF-8
+    encoding (C speed) fails on one.
+    """
+    if "\x00" in text:
+        return True
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def scrub(text: str) -> str:
+    """`text` with NUL and lone surrogates replaced by U+FFFD (a no-op for sane text)."""
+    return _UNSAFE_CHAR.sub("\ufffd", text) if unsafe(text) else text
+
+
 _converter = cattrs.Converter(forbid_extra_keys=True)
+# Registered before the union, whose per-class functions are made with these.
+_converter.register_structure_hook(str, _structure_str)
+_converter.register_structure_hook(int, _structure_int)
+_converter.register_structure_hook(float, _structure_float)
+_converter.register_unstructure_hook(str, scrub)
 configure_tagged_union(
     Frame,
     _converter,
@@ -192,29 +281,247 @@ def encode(frame: Frame) -> str:
     return json.dumps(_converter.unstructure(frame, Frame), separators=(",", ":"))
 
 
+# ----------------------------------------------------------------------- validation
+
+
+def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """True if JSON `text` nests arrays/objects deeper than `limit`, found without recursion.
+
+    Brackets inside strings do not count. Almost every frame has fewer
+    brackets than `limit` in all and is answered by two `count`s; the rest
+    (code in an answer) by string methods at C speed: drop the escaped
+    backslashes and quotes, split at the quotes, keep what lies outside.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    if '\\"' in text:  # escaped quotes (and the escaped backslashes before a quote)
+        text = text.replace("\\\\", "").replace('\\"', "")
+    outside = "".join(text.split('"')[::2])
+    if outside.count("[") + outside.count("{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", outside)
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > limit
+
+
+_NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _reject_constant(name: str) -> float:
+    raise ProtocolError(f"{name} is not a number the protocol allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {_show(text)} is out of range")
+    return value
+
+
+# Made once: `json.loads(raw, parse_float=...)` would build a decoder per frame.
+_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _show(value: object, limit: int = 40) -> str:
+    """A peer's value for an error message: short, one line, ASCII."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+# A check returns what is wrong with a value, or None.
+Check = Callable[[Any], str | None]
+
+
+def _text(value: str) -> str | None:
+    if unsafe(value):
+        return "contains NUL or a lone surrogate"
+    return None
+
+
+def _optional(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
+
+
+def _short_text(limit: int, *, controls: bool) -> Check:
+    def check(value: str) -> str | None:
+        if len(value) > limit:
+            return f"longer than {limit} characters ({len(value)})"
+        if not controls and CONTROL_CHAR.search(value):
+            return "contains a control character"
+        return _text(value)
+
+    return check
+
+
+def _identifier(pattern: re.Pattern[str], limit: int, alphabet: str) -> Check:
+    def check(value: str) -> str | None:
+        if pattern.fullmatch(value) is None:
+            if len(value) > limit:
+                return f"longer than {limit} characters ({len(value)})"
+            return (
+                f"expected 1-{limit} letters, digits or {alphabet}, starting with a letter"
+                f" or digit; got {_show(value)}"
+            )
+        return None
+
+    return check
+
+
+def _integer(low: int, high: int) -> Check:
+    def check(value: int) -> str | None:
+        if not low <= value <= high:
+            return f"expected {low}..{high}, got {_show(value)}"
+        return None
+
+    return check
+
+
+def _seconds(value: float) -> str | None:
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        return f"expected seconds in (0, {MAX_TIMEOUT_S:g}], got {_show(value)}"
+    return None
+
+
+def _each(check: Check, most: int) -> Check:
+    def check_all(values: list[Any]) -> str | None:
+        if len(values) > most:
+            return f"more than {most} entries ({len(values)})"
+        for index, value in enumerate(values):
+            problem = check(value)
+            if problem is not None:
+                return f"[{index}]: {problem}"
+        return None
+
+    return check_all
+
+
+def usable_usage(usage: Mapping[str, Any]) -> dict[str, int]:
+    """The entries of a token-usage map that a frame may carry (statistics: drop the rest)."""
+    return {
+        key: value
+        for key, value in usage.items()
+        if isinstance(key, str)
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and _KIND(key) is None
+        and _COUNT(value) is None
+    }
+
+
+def _usage(values: Mapping[str, int]) -> str | None:
+    if len(values) > MAX_USAGE_KEYS:
+        return f"more than {MAX_USAGE_KEYS} entries ({len(values)})"
+    for key, value in values.items():
+        problem = _KIND(key) or _COUNT(value)
+        if problem is not None:
+            return f"[{_show(key)}]: {problem}"
+    return None
+
+
+_TASK_ID: Final = _identifier(ID_RE, MAX_ID_CHARS, "_ . : -")
+_THREAD_ID: Final = _optional(_TASK_ID)
+# Public: the config files hold proxy ids and labels, and must hold only what a hello may.
+proxy_id_problem: Final = _identifier(PROXY_ID_RE, 64, PROXY_ID_ALPHABET)
+label_problem: Final = _short_text(MAX_LABEL_CHARS, controls=False)
+_KIND: Final = _short_text(MAX_KIND_CHARS, controls=False)
+_COUNT: Final = _integer(0, MAX_COUNT)
+_CAPACITY: Final = _integer(1, MAX_CAPACITY)
+_PROTOCOL: Final = _integer(0, 2**31)
+
+# Every field of every frame (but `type`) and what it may hold; a test checks
+# that none is missing, so a new field cannot skip validation.
+_CHECKS: Final[dict[type, dict[str, Check]]] = {
+    Hello: {
+        "proxy_id": proxy_id_problem,
+        "token": _short_text(MAX_TOKEN_CHARS, controls=False),
+        "protocol": _PROTOCOL,
+        "capacity": _CAPACITY,
+        "labels": _each(label_problem, MAX_LABELS),
+        # Shown and logged only (logging escapes control characters).
+        "version": _short_text(MAX_VERSION_CHARS, controls=True),
+        "running": _each(_TASK_ID, MAX_LISTED_TASKS),
+        "finished": _each(_TASK_ID, MAX_LISTED_TASKS),
+    },
+    TaskAck: {"task_id": _TASK_ID},
+    TaskEvent: {"task_id": _TASK_ID, "seq": _COUNT, "kind": _KIND, "text": _text},
+    ApprovalRequest: {
+        "task_id": _TASK_ID,
+        "approval_id": _TASK_ID,
+        "kind": _KIND,
+        "summary": _text,
+        "detail": _text,
+    },
+    TaskResult: {
+        "task_id": _TASK_ID,
+        "status": _text,  # a Literal: cattrs checked it
+        "text": _text,
+        "thread_id": _THREAD_ID,
+        "error": _optional(_text),
+        "usage": _usage,
+    },
+    CancelAck: {"task_id": _TASK_ID},
+    DecisionAck: {"task_id": _TASK_ID, "approval_id": _TASK_ID},
+    Load: {"running": _COUNT, "capacity": _CAPACITY},
+    Welcome: {"protocol": _PROTOCOL},
+    Task: {
+        "task_id": _TASK_ID,
+        "chat_id": _integer(-MAX_COUNT, MAX_COUNT),
+        "prompt": _text,
+        "thread_id": _THREAD_ID,
+        "timeout_s": _seconds,
+    },
+    TaskCancel: {"task_id": _TASK_ID},
+    ApprovalDecision: {"task_id": _TASK_ID, "approval_id": _TASK_ID, "decision": _text},
+    ResultAck: {"task_id": _TASK_ID},
+}
+
+
+def check_frame(frame: Frame) -> None:
+    """Raise `ProtocolError` naming the first field whose value is out of bounds."""
+    for name, check in _CHECKS[type(frame)].items():
+        problem = check(getattr(frame, name))
+        if problem is not None:
+            raise ProtocolError(f"bad {frame.type!r} frame: {name}: {problem}")
+
+
+# ----------------------------------------------------------------------- decoding
+
+
 def _decode(raw: str | bytes, union: Any) -> Any:
     if isinstance(raw, bytes):
         raise ProtocolError("binary frames are not part of the protocol")
     if len(raw) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(raw)} bytes exceeds {MAX_FRAME_BYTES}")
+    if too_deep(raw):
+        raise ProtocolError(f"nested deeper than {MAX_DEPTH} levels")
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise ProtocolError(f"not JSON: {exc}") from None
+        data = _JSON.decode(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"not JSON: {_ascii(str(exc))}") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("a frame must be a JSON object with a string 'type'")
     if data["type"] not in _TYPES:
-        raise ProtocolError(f"unknown frame type {data['type']!r}")
+        raise ProtocolError(f"unknown frame type {_show(data['type'])}")
     try:
-        return _converter.structure(data, union)
+        frame = _converter.structure(data, union)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         raise ProtocolError(f"bad {data['type']!r} frame: {_describe(exc)}") from None
+    check_frame(frame)
+    return frame
+
+
+def _ascii(text: str, limit: int = 300) -> str:
+    """One line of ASCII, for a reason that may quote the peer (close reasons, logs)."""
+    text = CONTROL_CHAR.sub(lambda m: f"\\x{ord(m[0]):02x}", text[:limit])
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
-        return "; ".join(cattrs.transform_error(exc))
-    return str(exc) or type(exc).__name__
+        return _ascii("; ".join(cattrs.transform_error(exc)))
+    return _ascii(str(exc) or type(exc).__name__)
 
 
 def decode_proxy_frame(raw: str | bytes) -> ProxyFrame:

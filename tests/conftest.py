@@ -27,6 +27,22 @@ if (_CODEX_BIN / "codex").exists():
     os.environ["PATH"] = f"{_CODEX_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The fast run (`-m "not e2e"`) uses both cores: ~650 tests, most waiting on a
+    subprocess or a socket, stay under a minute on a 2-core machine. The full run
+    stays serial: the end-to-end tests start several processes each and some
+    measure time. `-n N` or `-p no:xdist` on the command line wins."""
+    option = config.option
+    if (
+        getattr(option, "markexpr", "") == "not e2e"
+        and getattr(option, "numprocesses", 0) is None
+        and config.pluginmanager.has_plugin("xdist")
+        and not os.environ.get("PYTEST_XDIST_WORKER")
+    ):
+        option.numprocesses = min(2, os.cpu_count() or 1)
+
+
 @pytest.fixture
 def fake() -> FakeTelegram:
     """The fake Bot API, reached in memory (see `tg`): no sockets, so virtual time works."""

@@ -183,7 +183,7 @@ def test_proxy_settings_reach_the_child_env(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"capacity": 0}, "capacity: expected an integer of at least 1"),
+        ({"capacity": 0}, r"capacity: expected an integer in 1\.\.1000, got 0"),
         ({"capacity": "2"}, "capacity: expected an integer"),
         ({"approval_policy": "always"}, "approval_policy: expected one of untrusted, on-request"),
         ({"sandbox": "none"}, "sandbox: expected one of read-only"),
@@ -191,7 +191,10 @@ def test_proxy_settings_reach_the_child_env(tmp_path: Path) -> None:
         ({"codex_cwd": "/no/such/dir"}, "codex_cwd: '/no/such/dir' is not a directory"),
         ({"proxy_token": ""}, "proxy_token: required"),
         ({"labels": "gpu"}, "labels: expected a list of strings"),
-        ({"thread_idle_unload_s": -1}, "thread_idle_unload_s: expected a number of at least 0"),
+        (
+            {"thread_idle_unload_s": -1},
+            r"thread_idle_unload_s: expected a number of seconds in \[0, 604800\], got -1",
+        ),
     ],
 )
 def test_proxy_config_errors(tmp_path: Path, extra: dict[str, object], message: str) -> None:

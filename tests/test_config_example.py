@@ -115,6 +115,7 @@ def test_the_examples_fail_as_shipped(tmp_path: Path) -> None:
 def test_the_manager_example_passes_once_the_required_keys_are_filled(tmp_path: Path) -> None:
     path = tmp_path / "codex_config.json"
     path.write_text(json.dumps(fill_manager(json5.loads(MANAGER.read_text()))))
+    path.chmod(0o600)  # it holds tokens (a looser mode is warned about)
     result = check("codexnet.manager", path, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # not even a warning
@@ -124,6 +125,7 @@ def test_the_manager_example_passes_once_the_required_keys_are_filled(tmp_path: 
 def test_the_proxy_example_passes_once_the_required_keys_are_filled(tmp_path: Path) -> None:
     path = tmp_path / "proxy_config.json"
     path.write_text(json.dumps(fill_proxy(json5.loads(PROXY.read_text()), tmp_path)))
+    path.chmod(0o600)
     config = load_proxy_config(path, env={})
     findings = check_proxy(config, environ={"PATH": ""})
     if pinned_codex().exists():

@@ -15,6 +15,8 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from codexnet.config import ProxyEntry
+from codexnet.manager.approvals import Approvals
+from codexnet.manager.replies import Replies
 from codexnet.manager.store import ApprovalRecord, TaskRecord
 from codexnet.protocol import (
     CLOSE_FOREIGN,
@@ -32,6 +34,8 @@ from codexnet.protocol import (
 )
 from tests.fakes.hubrun import HubRunner, open_hub
 from tests.fakes.rawproxy import raw_proxy
+from tests.fakes.stack import USER
+from tests.fakes.telegram_api import FakeTelegram
 
 PROXIES = {"p1": ProxyEntry("token-of-p1-0123456789"), "p2": ProxyEntry("token-of-p2-0123456789")}
 T1, T2 = PROXIES["p1"].token, PROXIES["p2"].token
@@ -223,3 +227,50 @@ async def test_events_are_applied_once_in_order(hub: HubRunner) -> None:
     async with raw_proxy(hub.port, "p1", T1, running=[task.task_id]) as proxy:
         await proxy.send(TaskEvent(task.task_id, 4, "snapshot", "Hello, world"))
         await until(task, lambda: task.text == "Hello, world")
+
+
+async def test_a_flood_of_approval_requests_asks_only_the_first_few(
+    hub: HubRunner,
+    fake: FakeTelegram,
+    replies: Replies,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    approvals = Approvals(
+        replies, hub.store, hub.dispatcher.send_decision, timeout_s=600, is_online=lambda p: True
+    )
+    approvals.nursery = nursery
+    hub.dispatcher.on_approval = approvals.on_request
+    assert hub.dispatcher.max_open_approvals == 3  # the default of max_open_approvals_per_task
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "flood", chat_id=USER)
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        for n in range(10):
+            await proxy.send(ApprovalRequest(task.task_id, f"a{n}", "command", f"cmd {n}", ""))
+        with trio.fail_after(10):
+            declined = [await proxy.expect(ApprovalDecision) for _ in range(7)]
+        assert [(d.approval_id, d.decision) for d in declined] == [
+            (f"a{n}", "decline") for n in range(3, 10)
+        ]
+        with trio.fail_after(10):
+            await fake.wait_until(lambda: fake.count_messages(USER) == 3)
+        assert fake.texts(USER) == [f"🔐 Codex wants to run:\n\ncmd {n}" for n in range(3)]
+        # One answered: the next new request is asked again.
+        first = hub.store.approval(task.task_id, "a0")
+        assert first is not None
+        # (In the background: closing the question edits its message, at the chat's pace.)
+        nursery.start_soon(approvals.decide, first, "accept", "✅ Approved by @owner.")
+        accepted = await proxy.expect(ApprovalDecision)
+        assert (accepted.approval_id, accepted.decision) == ("a0", "accept")
+        await proxy.send(ApprovalRequest(task.task_id, "a10", "command", "cmd 10", ""))
+        await proxy.send(ApprovalRequest(task.task_id, "a11", "command", "cmd 11", ""))
+        assert (await proxy.expect(ApprovalDecision)).approval_id == "a11"
+        asked = [a.approval_id for a in hub.store.approvals_of(task.task_id) if a.state == "open"]
+        assert sorted(asked) == ["a1", "a10", "a2"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "codexnet.manager.dispatcher"]
+    assert warnings == [
+        f"task {task.task_id}: proxy 'p1' asks for more than 3 approvals at once "
+        "(max_open_approvals_per_task); declining the extra ones"
+    ]

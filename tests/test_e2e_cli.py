@@ -31,6 +31,7 @@ async def model(nursery: trio.Nursery) -> FakeResponsesAPI:
 
 def write_json(path: Path, data: object) -> Path:
     path.write_text("// written by the test\n" + json.dumps(data, indent=2))
+    path.chmod(0o600)  # it holds tokens (a looser mode is warned about)
     return path
 
 

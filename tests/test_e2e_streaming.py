@@ -211,8 +211,9 @@ async def test_use_without_argument_offers_buttons(stack: Stack) -> None:
         [offer] = [
             m for m in stack.telegram.messages(USER) if m.text == "Pick the machine for this chat:"
         ]
-        assert button_data(offer) == ["u:proxy1"]
-        stack.telegram.push_callback(USER, offer.message_id, "u:proxy1")
+        [data] = button_data(offer)
+        assert re.fullmatch(r"u:[A-Za-z0-9_-]{12}:proxy1", data)
+        stack.telegram.push_callback(USER, offer.message_id, data)
         await wait(stack, lambda: "This chat now uses proxy1 (online)." in texts(stack))
 
 

@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from codexnet.config import ProxyEntry
 from codexnet.manager import frontdoor
@@ -250,3 +252,23 @@ async def test_a_connection_that_stopped_answering_is_replaced_at_once(
             assert hub.hub.online["p1"] is not first
         relay.cut()  # the old socket at last dies too
     assert took < 1.5  # the probe's deadline (0.5 s here), not a heartbeat timeout
+
+
+async def test_a_peer_that_never_answers_the_close_is_dropped_after_the_close_deadline(
+    hub: HubRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused peer that ignores our close frame (a dead link, or on purpose) is not held."""
+    monkeypatch.setattr(hub_module, "CLOSE_TIMEOUT_S", 0.5)
+    client = WSConnection(ConnectionType.CLIENT)
+    stream = await tcp(hub.port)
+    async with stream:
+        await stream.send_all(client.send(Request(host="127.0.0.1", target="/")))
+        with trio.fail_after(5):
+            while not any(isinstance(e, AcceptConnection) for e in client.events()):
+                client.receive_data(await stream.receive_some(65536))
+        await stream.send_all(client.send(TextMessage(hello(token="a-wrong-token-0123456789"))))
+        started = trio.current_time()
+        # Read, but never feed wsproto again: our close reply is never sent.
+        assert await closed_by_hub(stream, within=5)
+        took = trio.current_time() - started
+    assert 0.4 <= took < 2  # the close deadline, not forever

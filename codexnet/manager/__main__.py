@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         for finding in errors(findings):
             print(f"{PROG}: config error: {finding}", file=sys.stderr)
         return EXIT_CONFIG
+    for finding in findings:  # warnings only: in the log (the journal), once per start
+        log.warning("%s", finding)
 
     return _start(args, config, listen, server_ssl)
 

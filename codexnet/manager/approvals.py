@@ -40,6 +40,7 @@ CHOICES: Final = {
     "n": ("decline", "🚫 Denied"),
 }
 STALE: Final = "This request is no longer pending."
+NOT_HERE: Final = "This button belongs to another chat."
 ENDED: Final = "The task ended before an answer."
 
 SendDecision = Callable[[ApprovalRecord], Awaitable[None]]
@@ -158,10 +159,20 @@ class Approvals:
             )
 
     async def decide(self, approval: ApprovalRecord, decision: str, outcome: str) -> None:
-        """Record the decision, hand it to the proxy, and close the question in the chat."""
+        """Record the decision; hand it to the proxy and close the question in the background.
+
+        Only the store is waited for: a press is handled in the bot's update
+        loop, and the edit may wait seconds for a busy group's send budget
+        (and the proxy's socket for a slow link). Both are resumed after a
+        restart from the stored state.
+        """
         approval.state, approval.decision, approval.outcome = "decided", decision, outcome
         self._decided.setdefault(approval.key, trio.Event()).set()
         await self._store.save_approval(approval)  # durable before it is sent
+        assert self.nursery is not None
+        self.nursery.start_soon(self._send_and_close, approval)
+
+    async def _send_and_close(self, approval: ApprovalRecord) -> None:
         await self._send_decision(approval)
         await self._close(approval)
 
@@ -185,7 +196,7 @@ class Approvals:
             log.warning(
                 "approval button of chat %s pressed in chat %s: refused", approval.chat_id, chat
             )
-            self._replies.toast(query, STALE)
+            self._replies.toast(query, NOT_HERE)
             return
         decision, label = CHOICES[choice]
         task = self._store.tasks.get(approval.task_id)

@@ -13,6 +13,11 @@ in between is recognised by its update id and not run twice. If the store
 cannot be written, the offset stays where it is and the batch is fetched
 again later: Telegram keeps it for 24 hours.
 
+Every update is checked first (`updates.py`): a malformed one is skipped with
+one WARNING, and its update id still moves the offset on. Strangers get one
+refusal per chat per hour, sent behind everything the owner is sent, and at
+most REFUSALS_PER_MINUTE in all; the log says so once per chat, not per message.
+
 A 409 (another instance polls with this token) never stops the manager: it
 keeps polling with backoff and says so once a minute.
 """
@@ -29,7 +34,7 @@ from codexnet.config import ManagerConfig
 from codexnet.db import StateError
 from codexnet.manager.commands import ChatCommands, Context
 from codexnet.manager.conversation import Conversations
-from codexnet.manager.outbox import Outbox
+from codexnet.manager.outbox import Outbox, Priority
 from codexnet.manager.replies import Replies
 from codexnet.manager.store import ManagerStore
 from codexnet.manager.telegram import (
@@ -41,6 +46,7 @@ from codexnet.manager.telegram import (
     TelegramUnavailable,
     log_unavailable,
 )
+from codexnet.manager.updates import Malformed, excerpt, parse_update, update_id_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,9 @@ CONFLICT_BACKOFF_S: Final = (3.0, 5.0, 10.0, 20.0, 30.0)
 CONFLICT_LOG_EVERY_S: Final = 60.0
 CONFIRM_TIMEOUT_S: Final = 5.0
 REFUSE_EVERY_S: Final = 3600.0  # a stranger is told at most once an hour per chat
+# Strangers told in all chats together, per minute: thousands of them must not
+# spend the send budget the owner's replies need (the rest are not told, yet).
+REFUSALS_PER_MINUTE: Final = 20
 ALLOWED_UPDATES: Final = ["message", "callback_query"]
 
 
@@ -71,7 +80,10 @@ class Bot:
         self._conversations = conversations
         self._commands = commands
         self.username = ""
-        self._refused: dict[int, float] = {}  # chat → when a stranger there was last told
+        self._told = RecentlyDone(REFUSE_EVERY_S)  # chats where a stranger was told
+        self._presses_logged = RecentlyDone(REFUSE_EVERY_S)  # chats of logged stranger presses
+        self._refusals = RecentlyDone(60.0)  # refusals sent in the last minute (by chat)
+        self._refusals_held = 0  # strangers not told because of REFUSALS_PER_MINUTE
         self._conflict_logged = -CONFLICT_LOG_EVERY_S
 
     async def start_up(self) -> None:
@@ -100,8 +112,6 @@ class Bot:
             self.username,
             len(self._config.telegram_allowed_user_ids),
         )
-        if not self._config.telegram_allowed_user_ids:
-            log.warning("telegram_allowed_user_ids is empty: the bot will refuse everybody")
 
     async def poll(self) -> None:
         """Long-poll until cancelled; on the way out confirm the offset to Telegram."""
@@ -148,11 +158,11 @@ class Bot:
                     await trio.sleep(delay)
                     continue
                 failures = 0
-                updates = [u for u in updates or [] if isinstance(u, dict)]
-                if not updates:
+                batch, newest = self._check_batch(updates)
+                if newest is None:
                     continue
-                if await self._handle_batch(updates) and await self._sync():
-                    offset = max(int(u["update_id"]) for u in updates) + 1
+                if await self._handle_batch(batch) and await self._sync():
+                    offset = newest + 1
                     # Queued, not awaited: the batch's effects would survive a
                     # power cut already, and an offset lost in a crash only means
                     # updates redelivered (a prompt among them gets the same task
@@ -164,6 +174,33 @@ class Bot:
             if offset is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT_S):
                     await self._confirm(offset)
+
+    @staticmethod
+    def _check_batch(updates: object) -> tuple[list[dict[str, Any]], int | None]:
+        """The well-formed updates, and the newest update id (malformed ones count too).
+
+        A malformed update is skipped with one WARNING; its id still moves the
+        offset on, or Telegram would hand it out again and again.
+        """
+        if not isinstance(updates, list):
+            log.warning("getUpdates returned %s, not a list; ignored", excerpt(updates))
+            return [], None
+        batch: list[dict[str, Any]] = []
+        newest: int | None = None
+        for raw in updates:
+            update_id = update_id_of(raw)
+            if update_id is not None:
+                newest = update_id if newest is None else max(newest, update_id)
+            try:
+                batch.append(parse_update(raw))
+            except Malformed as exc:
+                log.warning(
+                    "update %s skipped: %s: %s",
+                    "?" if update_id is None else update_id,
+                    exc,
+                    excerpt(raw),
+                )
+        return batch, newest
 
     def _log_conflict(self, exc: TelegramError, delay: float) -> None:
         now = trio.current_time()
@@ -256,24 +293,58 @@ class Bot:
             )
 
     def _refuse(self, chat_id: int, user: dict[str, Any] | None) -> None:
+        """Tell a stranger they are not allowed: once an hour per chat, then silence.
+
+        A stranger cannot make the bot spend its send budget, or fill the log,
+        by writing more; nor can many strangers together (REFUSALS_PER_MINUTE).
+        The refusal goes out behind everything the owner is sent.
+        """
+        now = trio.current_time()
+        if self._told.recent(chat_id, now):
+            return
         user_id = user.get("id") if user else None
+        if self._refusals.count(now) >= REFUSALS_PER_MINUTE:
+            self._refusals_held += 1
+            if self._refusals_held == 1:
+                log.warning(
+                    "refused a message from user %s in chat %s (not in "
+                    "telegram_allowed_user_ids); more than %d strangers a minute: "
+                    "the rest are not told",
+                    user_id,
+                    chat_id,
+                    REFUSALS_PER_MINUTE,
+                )
+            return
+        if self._refusals_held:
+            log.warning("%d more stranger(s) were not told", self._refusals_held)
+            self._refusals_held = 0
+        self._told.mark(chat_id, now)
+        self._refusals.mark(chat_id, now)
         log.warning(
-            "refused a message from user %s in chat %s (not in telegram_allowed_user_ids)",
+            "refused a message from user %s in chat %s (not in telegram_allowed_user_ids); "
+            "more from this chat in the next hour are ignored",
             user_id,
             chat_id,
         )
-        now = trio.current_time()
-        if now - self._refused.get(chat_id, -REFUSE_EVERY_S) < REFUSE_EVERY_S:
-            return  # told recently: a stranger cannot make the bot spend its send quota
-        self._refused[chat_id] = now
         self._replies.post(
-            chat_id, f"Sorry, you are not allowed to use this bot (your user id: {user_id})."
+            chat_id,
+            f"Sorry, you are not allowed to use this bot (your user id: {user_id}).",
+            priority=Priority.LIVE,
         )
 
     async def _on_callback(self, query: dict[str, Any]) -> None:
         user = query.get("from")
         if not self.allowed(user):
-            log.warning("refused a button press from user %s", (user or {}).get("id"))
+            # Answered (Telegram shows a spinner until then), logged once an hour per chat.
+            chat_id = _chat_of({"callback_query": query})
+            now = trio.current_time()
+            if not self._presses_logged.recent(chat_id, now):
+                self._presses_logged.mark(chat_id, now)
+                log.warning(
+                    "refused a button press from user %s in chat %s",
+                    (user or {}).get("id"),
+                    chat_id,
+                )
             self._replies.toast(query, "You are not allowed to do that.")
             return
         await self._commands.on_callback(query)
@@ -291,5 +362,45 @@ class Bot:
 
 
 def _chat_of(update: dict[str, Any]) -> object:
+    """The chat a (checked) update belongs to; None for a press under no known message."""
     message = update.get("message") or (update.get("callback_query") or {}).get("message") or {}
     return (message.get("chat") or {}).get("id")
+
+
+class RecentlyDone:
+    """Which keys had something done to them within the last `window_s` seconds.
+
+    Memory stays bounded by what happened in one window: expired keys are
+    dropped whenever the table has doubled since the last sweep.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._when: dict[object, float] = {}
+        self._sweep_at = 1024
+
+    def recent(self, key: object, now: float) -> bool:
+        when = self._when.get(key)
+        return when is not None and now - when < self._window_s
+
+    def mark(self, key: object, now: float) -> None:
+        self._when.pop(key, None)  # re-inserted last: the dict stays oldest first
+        self._when[key] = now
+        if len(self._when) >= self._sweep_at:
+            self._expire(now)
+            self._sweep_at = max(1024, 2 * len(self._when))
+
+    def count(self, now: float) -> int:
+        """How many keys were marked within the window."""
+        self._expire(now)
+        return len(self._when)
+
+    def _expire(self, now: float) -> None:
+        # Oldest first (see mark): stop at the first one still inside the window.
+        expired = []
+        for key, when in self._when.items():
+            if now - when < self._window_s:
+                break
+            expired.append(key)
+        for key in expired:
+            del self._when[key]

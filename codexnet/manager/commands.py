@@ -4,13 +4,24 @@
 `ChatCommands.table()`, so they never disagree. A handler gets the context of
 the message (chat, topic, who) and the text after the command.
 
-Buttons: `callback_data` is a few bytes — `c:<key>` cancels a task, `a:<key>:y|s|n`
-answers an approval (keys are random and bound to their chat), `u:<proxy>` picks
-a machine for the chat it is pressed in.
+Buttons: `callback_data` is a few bytes, and none can be guessed or carried to
+another chat (a modified client can send any data under any message it sees):
+
+* `c:<key>` cancels a task and `a:<key>:y|s|n` answers an approval: the keys
+  are random (72 bits), stored with the task or the question, and checked
+  against the chat the button is pressed in;
+* `u:<tag>:<proxy>` picks a machine: the tag is an HMAC of the chat and the
+  proxy keyed by the bot token, so it needs no storage, survives a restart,
+  and is valid only in the chat it was offered in.
+
+A press from another chat, or with an unknown key or a wrong tag, gets a
+toast saying so and changes nothing.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +30,7 @@ from typing import Any, Final
 import attrs
 
 from codexnet.config import ManagerConfig
-from codexnet.manager.approvals import Approvals
+from codexnet.manager.approvals import NOT_HERE, Approvals
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
@@ -29,6 +40,15 @@ from codexnet.manager.store import ConversationKey, ManagerStore
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_DATA: Final = 64  # bytes, Telegram's limit
+TAG_BYTES: Final = 9  # of the HMAC in a `u:` button: 72 bits, 12 characters
+NO_LONGER_VALID: Final = "This button is no longer valid."
+FINISHED: Final = "That task has already finished."
+
+
+def button_tag(secret: str, chat_id: int, payload: str) -> str:
+    """What binds a stateless button to its chat: unguessable without `secret`."""
+    digest = hmac.digest(secret.encode(), f"{chat_id}:{payload}".encode(), "sha256")
+    return base64.urlsafe_b64encode(digest[:TAG_BYTES]).decode()
 
 
 @attrs.frozen
@@ -70,6 +90,8 @@ class ChatCommands:
         self._conversations = conversations
         self._approvals = approvals
         self._replies = replies
+        # Keys the `u:` buttons' tags; the bot token is a secret we already hold.
+        self._button_secret = config.telegram_bot_token or ""
         self._table = self._build()
 
     def _build(self) -> list[Command]:
@@ -107,10 +129,11 @@ class ChatCommands:
     async def use(self, ctx: Context, proxy_id: str) -> None:
         known = self._hub.known()
         if not proxy_id:
+            offers = [(p, self._use_button(ctx.chat_id, p)) for p in sorted(self._hub.online)]
             buttons = [
-                [{"text": p, "callback_data": f"u:{p}"}]
-                for p in sorted(self._hub.online)
-                if len(f"u:{p}".encode()) <= MAX_CALLBACK_DATA
+                [{"text": p, "callback_data": data}]
+                for p, data in offers
+                if len(data.encode()) <= MAX_CALLBACK_DATA
             ]
             text = (
                 "Pick the machine for this chat:"
@@ -172,6 +195,9 @@ class ChatCommands:
 
     # ------------------------------------------------------------------ buttons
 
+    def _use_button(self, chat_id: int, proxy_id: str) -> str:
+        return f"u:{button_tag(self._button_secret, chat_id, proxy_id)}:{proxy_id}"
+
     async def on_callback(self, query: dict[str, Any]) -> None:
         """A button press from an allowed user."""
         data = str(query.get("data") or "")
@@ -183,14 +209,27 @@ class ChatCommands:
             return
         if kind == "c":
             task = self._conversations.task_for_cancel_key(rest)
-            if task is None or task.chat_id != chat_id:
-                self._replies.toast(query, "That task has already finished.")
+            if task is None:
+                self._replies.toast(query, FINISHED)
+                return
+            if task.chat_id != chat_id:
+                log.warning(
+                    "Cancel button of chat %s pressed in chat %s: refused", task.chat_id, chat_id
+                )
+                self._replies.toast(query, NOT_HERE)
                 return
             self._replies.toast(query, "Cancelling…")
             await self._conversations.cancel(task)
             return
         if kind == "u" and isinstance(chat_id, int):
-            self._replies.toast(query, f"Using {rest}")
-            await self.use(Context(chat_id, 0, query.get("from") or {}), rest)
+            proxy_id = rest.partition(":")[2]
+            made_here = self._use_button(chat_id, proxy_id)
+            if not proxy_id or not hmac.compare_digest(data, made_here):
+                # Made for another chat, before an upgrade, or never by us.
+                log.warning("a /use button not made for chat %s pressed there: refused", chat_id)
+                self._replies.toast(query, NO_LONGER_VALID)
+                return
+            self._replies.toast(query, f"Using {proxy_id}")
+            await self.use(Context(chat_id, 0, query.get("from") or {}), proxy_id)
             return
-        self._replies.toast(query, "This button is no longer valid.")
+        self._replies.toast(query, NO_LONGER_VALID)

@@ -14,7 +14,10 @@ manager and its proxies (docs/ARCHITECTURE.md, "Delivery"):
 * `task_cancel` and `approval_decision` are kept until `cancel_ack` /
   `decision_ack` and re-sent on every reconnect;
 * every frame naming a task is checked against the task's owner: a proxy
-  can only speak for its own tasks.
+  can only speak for its own tasks;
+* at most `max_open_approvals` questions of one task wait in its chat: a
+  further new request is declined at once (one WARNING per task), so a
+  runaway or hostile proxy cannot flood the chat with buttons.
 
 Conversations (`conversation.py`) decide when a task is dispatched and what
 the chat sees; the dispatcher only moves state and frames.
@@ -61,12 +64,16 @@ async def _no_approvals(task: TaskRecord, request: ApprovalRequest) -> None:
 
 
 class Dispatcher:
-    def __init__(self, store: ManagerStore, hub: Hub) -> None:
+    def __init__(self, store: ManagerStore, hub: Hub, *, max_open_approvals: int = 3) -> None:
         self._store = store
         self._hub = hub
+        # The approval handler stores each question it asks (state "open")
+        # before it returns: that is what the cap counts.
         self.on_approval: ApprovalHandler = _no_approvals
+        self.max_open_approvals = max_open_approvals
         self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
+        self._flood_logged: set[str] = set()  # tasks whose surplus approvals were logged
         hub.listener = self
 
     # ------------------------------------------------------------------ outgoing
@@ -87,6 +94,7 @@ class Dispatcher:
         if task.state in ("finished", "done"):
             return
         await self._store.mark_finished(task, outcome)
+        self._flood_logged.discard(task.task_id)
         task.poke()
 
     async def request_cancel(self, task: TaskRecord) -> None:
@@ -193,7 +201,7 @@ class Dispatcher:
                 task.poke()
         elif isinstance(frame, ApprovalRequest):
             if task.state in ("sent", "acked"):
-                await self.on_approval(task, frame)
+                await self._approval_request(conn, task, frame)
         elif isinstance(frame, TaskResult):
             # In its own task: the reader goes on while the result is committed,
             # so results arriving together share one commit instead of queueing
@@ -210,6 +218,29 @@ class Dispatcher:
                 approval.decision_acked = True
                 await self._store.save_approval(approval, wait=False)
                 task.poke()
+
+    async def _approval_request(
+        self, conn: ProxyConn, task: TaskRecord, request: ApprovalRequest
+    ) -> None:
+        """Ask (once per approval id), unless the task has its fill of open questions."""
+        if self._store.approval(task.task_id, request.approval_id) is None:
+            waiting = [a for a in self._store.approvals_of(task.task_id) if a.state == "open"]
+            if len(waiting) >= self.max_open_approvals:
+                # Not stored: should the decline be lost, the proxy asks again
+                # after its reconnect and is answered the same way (or asked,
+                # if a question was answered meanwhile).
+                if task.task_id not in self._flood_logged:
+                    self._flood_logged.add(task.task_id)
+                    log.warning(
+                        "task %s: proxy %r asks for more than %d approvals at once "
+                        "(max_open_approvals_per_task); declining the extra ones",
+                        task.task_id,
+                        conn.proxy_id,
+                        self.max_open_approvals,
+                    )
+                await conn.send(ApprovalDecision(task.task_id, request.approval_id, "decline"))
+                return
+        await self.on_approval(task, request)
 
     async def _store_result(self, conn: ProxyConn, task: TaskRecord, frame: TaskResult) -> None:
         if task.state in ("sent", "acked"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import trio
 
@@ -41,11 +41,17 @@ def plain_parts(text: str) -> list[Chunk]:
     return [Chunk(part) for part in render_plain_parts(text)] or [Chunk("(empty)")]
 
 
+class _Post(NamedTuple):
+    text: str
+    reply_markup: dict[str, Any] | None
+    priority: Priority
+
+
 class Replies:
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self.nursery: trio.Nursery | None = None  # for `post`; set when the bot runs
-        self._posts: dict[int, collections.deque[tuple[str, dict[str, Any] | None]]] = {}
+        self._posts: dict[int, collections.deque[_Post]] = {}
 
     async def send_part(
         self,
@@ -133,26 +139,36 @@ class Replies:
             )
         return message_id
 
-    def post(self, chat_id: int, text: str, *, reply_markup: dict[str, Any] | None = None) -> None:
+    def post(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        reply_markup: dict[str, Any] | None = None,
+        priority: Priority = Priority.REPLY,
+    ) -> None:
         """`send_text` in the background: the caller never waits for Telegram.
 
         A chat's posts go out in the order they were made (one sender per chat).
         """
         assert self.nursery is not None, "Replies.post before the bot runs"
+        post = _Post(text, reply_markup, priority)
         queue = self._posts.get(chat_id)
         if queue is not None:
-            queue.append((text, reply_markup))
+            queue.append(post)
             return
-        self._posts[chat_id] = collections.deque([(text, reply_markup)])
+        self._posts[chat_id] = collections.deque([post])
         self.nursery.start_soon(self._drain_posts, chat_id)
 
     async def _drain_posts(self, chat_id: int) -> None:
         queue = self._posts[chat_id]
         try:
             while queue:
-                text, reply_markup = queue[0]
+                text, reply_markup, priority = queue[0]
                 try:
-                    await self.send_text(chat_id, text, reply_markup=reply_markup)
+                    await self.send_text(
+                        chat_id, text, reply_markup=reply_markup, priority=priority
+                    )
                 except TelegramError as exc:
                     log.warning("chat %s: a reply was not delivered: %s", chat_id, exc.description)
                 queue.popleft()

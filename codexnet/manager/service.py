@@ -103,7 +103,7 @@ async def run_manager(
         trio.open_nursery() as nursery,
     ):
         hub = Hub.for_config(config)
-        dispatcher = Dispatcher(store, hub)
+        dispatcher = Dispatcher(store, hub, max_open_approvals=config.max_open_approvals_per_task)
         dispatcher.nursery = nursery
         tg = TelegramClient(http, config.telegram_api_base, config.telegram_bot_token)
         outbox = Outbox(tg)

@@ -37,6 +37,7 @@ import attrs
 import httpx
 import json5
 
+from codexnet import protocol
 from codexnet.checks import pinned_codex
 from codexnet.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from codexnet.config import (
@@ -52,7 +53,7 @@ PROG: Final = "codexnet-manager"
 EXIT_CANCELLED: Final = 130  # the shell's code for "ended by Ctrl-C"
 DEFAULT_WAIT_S: Final = 300.0
 PROXY_TOKEN_BYTES: Final = 32  # token_urlsafe(32): 43 characters
-PROXY_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROXY_ID_RE: Final = protocol.PROXY_ID_RE  # what a hello may carry; fullmatch only
 DEFAULT_LISTEN: Final = "127.0.0.1:8765"
 
 
@@ -316,7 +317,7 @@ def _ask(prompt: str, default: str, out: TextIO) -> str:
 
 def _default_proxy_id() -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]).strip("-.")
-    return name.lower() if name and PROXY_ID_RE.match(name) else "proxy1"
+    return name.lower() if name and PROXY_ID_RE.fullmatch(name) else "proxy1"
 
 
 def _shown(path: Path) -> str:
@@ -399,7 +400,7 @@ def init(options: InitOptions, out: TextIO) -> None:
 
         out.write("\n3. This machine's proxy (it runs Codex here).\n")
         proxy_id = _ask("   Its name", _default_proxy_id(), out)
-        while not PROXY_ID_RE.match(proxy_id):
+        while not PROXY_ID_RE.fullmatch(proxy_id):
             out.write("   Letters, digits, '.', '_' and '-' only.\n")
             proxy_id = _ask("   Its name", _default_proxy_id(), out)
         codex_cwd = _ask("   Folder Codex works in", str(Path.home()), out)
@@ -513,7 +514,7 @@ def add_proxy(config_path: Path, proxy_id: str, out: TextIO = sys.stdout) -> int
 
 
 def _add_proxy(config_path: Path, proxy_id: str, out: TextIO) -> int:
-    if not PROXY_ID_RE.match(proxy_id):
+    if not PROXY_ID_RE.fullmatch(proxy_id):
         raise SetupError(f"{proxy_id!r}: a proxy id is letters, digits, '.', '_' and '-'")
     try:
         config = load_manager_config(config_path, env={}, require_telegram=False)

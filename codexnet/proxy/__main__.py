@@ -64,13 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     findings = check_proxy(config, state_dir="check" if args.check_config else "create")
-    for finding in findings:
+    for finding in errors(findings):
         print(f"{PROG}: config error: {finding}", file=sys.stderr)
+    warnings = [f for f in findings if not f.fatal]
+    if args.check_config:
+        for finding in warnings:
+            print(f"WARNING: {finding}", file=sys.stderr)
     if errors(findings):
         return EXIT_CONFIG
     if args.check_config:
-        print(f"{config.source}: OK (proxy {config.proxy_id!r} → {config.manager_ws})")
+        counted = f", {len(warnings)} warning{'s' if len(warnings) > 1 else ''}" if warnings else ""
+        print(f"{config.source}: OK (proxy {config.proxy_id!r} → {config.manager_ws}{counted})")
         return EXIT_OK
+    for finding in warnings:  # in the log (the journal), once per start
+        log.warning("%s", finding)
 
     # Imported only now: --help, --version, --check-config and every config
     # error answer without loading the service.

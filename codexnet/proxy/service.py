@@ -44,6 +44,8 @@ from codexnet.protocol import (
     CLOSE_PROTOCOL_VERSION,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_PROXY,
+    ID_RE,
+    MAX_VERSION_CHARS,
     PROTOCOL_VERSION,
     ApprovalDecision,
     ApprovalRequest,
@@ -60,8 +62,10 @@ from codexnet.protocol import (
     TaskEvent,
     TaskResult,
     Welcome,
+    check_frame,
     decode_manager_frame,
     encode,
+    usable_usage,
 )
 from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn
 from codexnet.proxy.server_requests import Approval
@@ -247,8 +251,17 @@ class ProxyService:
             session.start_soon(self._heartbeat, ws)
             await self._replay()
             while True:
-                frame = decode_manager_frame(await ws.get_message())
+                raw = await ws.get_message()
                 self._last_heard = trio.current_time()
+                try:
+                    frame = decode_manager_frame(raw)
+                except ProtocolError as exc:
+                    # Ignored, not a reconnect: whatever the manager must get
+                    # across it sends again after every reconnect, so dropping
+                    # the link would only bring the same frame back at once.
+                    # Unanswered, it is kept (and retried) by the manager.
+                    log.warning("ignoring a bad frame from the manager: %s", exc)
+                    continue
                 await self._on_frame(frame, tasks)
 
     async def _heartbeat(self, ws: WebSocketConnection) -> None:
@@ -300,7 +313,9 @@ class ProxyService:
             protocol=PROTOCOL_VERSION,
             capacity=self._config.capacity,
             labels=list(self._config.labels),
-            version=f"codexnet {codexnet.__version__}; codex {self._app.version or '?'}",
+            version=f"codexnet {codexnet.__version__}; codex {self._app.version or '?'}"[
+                :MAX_VERSION_CHARS
+            ],
             running=list(self._running),
             finished=list(self._outbox),
         )
@@ -324,6 +339,13 @@ class ProxyService:
         """
         ws = self._ws
         if ws is None:
+            return False
+        try:
+            check_frame(frame)
+        except ProtocolError as exc:
+            # The manager would close the link on it (and get it again after
+            # the reconnect): a bug here, said loudly, and the link kept.
+            log.error("not sending a frame the manager would refuse: %s", exc)
             return False
         try:
             async with self._send_lock:
@@ -505,13 +527,22 @@ class ProxyService:
         text = outcome.text
         if outcome.notice:
             text = f"{outcome.notice}\n\n{text}" if text else outcome.notice
+        if ID_RE.fullmatch(outcome.thread_id) is None:
+            # The manager refuses such a result, on every reconnect: fail it here instead.
+            return TaskResult(
+                task.task_id,
+                "failed",
+                text=text,
+                error=f"codex named its thread {outcome.thread_id[:40]!r}, not a usable id",
+                thread_id=task.thread_id,
+            )
         return TaskResult(
             task.task_id,
             status,  # type: ignore[arg-type]
             text=text,
             thread_id=outcome.thread_id,
             error=outcome.error,
-            usage=outcome.usage,
+            usage=usable_usage(outcome.usage),
         )
 
     async def _forward(self, running: _Running) -> None:

@@ -34,9 +34,17 @@ class HubRunner:
         return self.hub.port
 
     async def start_task(
-        self, proxy_id: str, prompt: str, *, thread_id: str | None = None, timeout_s: float = 120
+        self,
+        proxy_id: str,
+        prompt: str,
+        *,
+        thread_id: str | None = None,
+        timeout_s: float = 120,
+        chat_id: int = 0,
     ) -> TaskRecord:
-        task = self.store.new_task(0, 0, prompt, task_id=uuid.uuid4().hex, timeout_s=timeout_s)
+        task = self.store.new_task(
+            chat_id, 0, prompt, task_id=uuid.uuid4().hex, timeout_s=timeout_s
+        )
         await self.store.add_task(task)
         await self.dispatcher.dispatch(task, proxy_id, thread_id)
         return task

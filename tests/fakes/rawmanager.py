@@ -37,6 +37,10 @@ class Link:
     async def send(self, frame: ManagerFrame) -> None:
         await self.ws.send_message(encode(frame))
 
+    async def send_raw(self, text: str) -> None:
+        """Send any text as one frame (what a broken or hostile manager might)."""
+        await self.ws.send_message(text)
+
     async def expect(self, kind: type[Any], where: Callable[[Any], bool] = lambda f: True) -> Any:
         """The first frame of `kind` matching `where` not returned yet, in arrival order
         (frames read past while looking for another one are kept for later)."""

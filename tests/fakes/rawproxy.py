@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from codexnet.protocol import (
     PROTOCOL_VERSION,
@@ -35,6 +35,21 @@ class RawProxy:
 
     async def send(self, frame: ProxyFrame) -> None:
         await self.ws.send_message(encode(frame))
+
+    async def send_raw(self, text: str) -> None:
+        """Send any text as one frame (what a broken or hostile proxy might)."""
+        await self.ws.send_message(text)
+
+    async def closed(self) -> CloseReason:
+        """Wait until the hub closes the link; its close code and reason."""
+        reason: CloseReason | None = None
+        with trio.fail_after(10):
+            while reason is None:
+                try:
+                    await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    reason = exc.reason
+        return reason
 
     async def expect(
         self, kind: type[Any], where: Callable[[Any], bool] = lambda frame: True
@@ -70,6 +85,7 @@ async def raw_proxy(
     *,
     running: list[str] | None = None,
     finished: list[str] | None = None,
+    version: str = "",
 ) -> AsyncIterator[RawProxy]:
     """Connect, say hello, wait for welcome; the link closes when the block ends."""
     async with connect_websocket(f"ws://127.0.0.1:{port}") as ws:
@@ -80,9 +96,17 @@ async def raw_proxy(
             capacity=2,
             running=running or [],
             finished=finished or [],
+            version=version,
         )
         await ws.send_message(encode(hello))
         with trio.fail_after(10):
             welcome = decode_manager_frame(await ws.get_message())
         assert isinstance(welcome, Welcome), welcome
+        yield RawProxy(ws)
+
+
+@asynccontextmanager
+async def raw_connection(port: int) -> AsyncIterator[RawProxy]:
+    """Connect without saying hello: the test sends whatever it likes first."""
+    async with connect_websocket(f"ws://127.0.0.1:{port}") as ws:
         yield RawProxy(ws)

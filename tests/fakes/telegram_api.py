@@ -55,7 +55,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, unquote
 
 import attrs
@@ -406,6 +406,9 @@ class ApiError(Exception):
         self.parameters = parameters
 
 
+_RAW: Final = "raw update"  # push_raw_update's payload, under its stand-in update id
+
+
 class _DropConnection(Exception):
     pass
 
@@ -676,6 +679,22 @@ class FakeTelegram:
             self._updates.append(update)
         else:
             self.filtered_updates.append(update)
+        self._kick_poll()
+        self._notify()
+        return update_id
+
+    def push_raw_update(self, update: object, *, numbered: bool = True) -> int:
+        """Queue `update` as given, malformed or not; returns the update id it takes.
+
+        With `numbered`, a dict gets that id as its `update_id` (first), like any
+        update; without, it goes out exactly as given (no or a wrong `update_id`,
+        not an object at all). Either way it is dropped once an offset beyond its
+        id is confirmed."""
+        update_id = self._next_update_id
+        self._next_update_id += 1
+        if numbered and isinstance(update, dict):
+            update = {"update_id": update_id} | update
+        self._updates.append({"update_id": update_id, _RAW: update})
         self._kick_poll()
         self._notify()
         return update_id
@@ -1184,10 +1203,13 @@ class FakeTelegram:
                 raise _bad("Bad Request: can't parse allowed_updates JSON object")
             known = {a for a in allowed if a in ALL_UPDATE_TYPES}
             self.allowed_updates = frozenset(known) if known else DEFAULT_ALLOWED_UPDATES
+        before = len(self._updates)
         if offset > 0:
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
         elif offset < 0:
             self._updates = self._updates[offset:]
+        if len(self._updates) != before:
+            self._notify()  # confirmed: whoever waits on pending_updates may look
 
         self._poll_seq += 1
         me = self._poll_seq
@@ -1202,7 +1224,7 @@ class FakeTelegram:
                     raise ApiError(409, ERR_CONFLICT_SET_WEBHOOK)
                 batch = self._updates[:limit]
                 if batch or trio.current_time() >= deadline:
-                    return batch, None
+                    return [u[_RAW] if _RAW in u else u for u in batch], None
                 wake = self._poll_wake
                 with trio.move_on_at(deadline):
                     await wake.wait()

@@ -1,0 +1,151 @@
+"""Malformed updates from the Bot API: each skipped with one WARNING, nothing else lost.
+
+The real manager against the fake Bot API over HTTP, which hands out the
+updates exactly as given (`push_raw_update`), and a proxy reduced to its wire
+protocol to see what gets dispatched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from codexnet.manager.service import Manager, run_manager
+from codexnet.protocol import Task, TaskAck, TaskResult
+from tests.fakes.rawproxy import RawProxy, raw_proxy
+from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER, manager_config
+from tests.fakes.telegram_api import FakeTelegram
+
+OWNER = {"id": USER, "is_bot": False, "first_name": "Owner"}
+CHAT = {"id": USER, "type": "private", "first_name": "Owner"}
+
+
+def message(text: Any, **changes: Any) -> dict[str, Any]:
+    msg: dict[str, Any] = {"message_id": 50, "date": 0, "chat": CHAT, "from": OWNER, "text": text}
+    msg.update(changes)
+    return msg
+
+
+# (what is wrong, the update without its update_id)
+MALFORMED: list[tuple[str, dict[str, Any]]] = [
+    ("message not an object", {"message": "hello"}),
+    ("message a list", {"message": [1, 2]}),
+    ("no chat", {"message": {"message_id": 1, "from": OWNER, "text": "x"}}),
+    ("chat not an object", {"message": message("x", chat="me")}),
+    ("chat id a string", {"message": message("x", chat={"id": "1001"})}),
+    ("chat id a bool", {"message": message("x", chat={"id": True})}),
+    ("chat id beyond 64 bits", {"message": message("x", chat={"id": 2**80})}),
+    ("from not an object", {"message": message("x", **{"from": 7})}),
+    ("user id a float", {"message": message("x", **{"from": {"id": 1001.0}})}),
+    ("message_id a string", {"message": message("x", message_id="50")}),
+    ("callback not an object", {"callback_query": ["a:b:y"]}),
+    ("callback without id", {"callback_query": {"from": OWNER, "data": "c:x"}}),
+    ("callback data a list", {"callback_query": {"id": "q", "from": OWNER, "data": ["c"]}}),
+    (
+        "callback message not an object",
+        {"callback_query": {"id": "q", "from": OWNER, "data": "c:x", "message": 3}},
+    ),
+]
+
+
+@pytest.fixture
+async def telegram(nursery: trio.Nursery) -> FakeTelegram:
+    fake = FakeTelegram(BOT_TOKEN)
+    await nursery.start(fake.serve)
+    fake.add_chat(USER)
+    return fake
+
+
+@pytest.fixture
+async def manager(telegram: FakeTelegram, tmp_path: Path) -> AsyncIterator[Manager]:
+    async with trio.open_nursery() as inner:
+        manager: Manager = await inner.start(
+            run_manager, manager_config(telegram.base_url, tmp_path / "state")
+        )
+        yield manager
+        inner.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def proxy(manager: Manager) -> AsyncIterator[RawProxy]:
+    async with raw_proxy(manager.port, "proxy1", PROXY_TOKEN) as proxy:
+        yield proxy
+
+
+async def finish(proxy: RawProxy, task: Task) -> None:
+    await proxy.send(TaskAck(task.task_id))
+    await proxy.send(TaskResult(task.task_id, "completed", text=f"answer to {task.task_id}"))
+
+
+async def test_malformed_updates_are_skipped_and_the_rest_of_the_batch_is_handled(
+    telegram: FakeTelegram,
+    manager: Manager,
+    proxy: RawProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    ids = []
+    # One batch: a good prompt first and last, every kind of garbage between.
+    telegram.push_message(USER, "first prompt")
+    for _, update in MALFORMED:
+        ids.append(telegram.push_raw_update(update))
+    telegram.push_raw_update("not an update")
+    telegram.push_raw_update({"message": message("no update_id")}, numbered=False)
+    telegram.push_raw_update(
+        {"update_id": "1", "message": message("a string update_id")}, numbered=False
+    )
+    last = telegram.push_message(USER, "/help")
+    with trio.fail_after(10):
+        task = await proxy.expect(Task)
+        await telegram.wait_until(lambda: any("/reset" in t for t in telegram.texts(USER)))
+        # The offset moved past all of them: the next poll confirmed the lot.
+        await telegram.wait_until(lambda: not telegram.pending_updates)
+    assert task.prompt == "first prompt"
+    assert manager.store.offset == last + 1
+    warnings = [r for r in caplog.records if r.name == "codexnet.manager.bot"]
+    # One line each, none with a traceback.
+    assert len(warnings) == len(MALFORMED) + 3, [r.getMessage() for r in warnings]
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in warnings)
+    for update_id in ids:
+        assert sum(f"update {update_id} " in r.getMessage() for r in warnings) == 1
+    # Escaped: what the update held cannot start a line of its own.
+    assert all("\n" not in r.getMessage() for r in warnings)
+    assert manager.hub.online  # still serving
+
+
+async def test_odd_text_is_made_safe_and_still_answered(
+    telegram: FakeTelegram, proxy: RawProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Lone surrogates (JSON "\ud800") cannot be written to the state database
+    # or to a UTF-8 log: they become U+FFFD; a text far beyond Telegram's
+    # 4096 characters is still a prompt; a newline in a name forges no log line.
+    telegram.push_raw_update({"message": message("fix \ud800 this")})
+    with trio.fail_after(10):
+        task = await proxy.expect(Task)
+    assert task.prompt == "fix \ufffd this"
+    await finish(proxy, task)
+    huge = "y" * 100_000
+    telegram.push_raw_update({"message": message(huge, message_id=51)})
+    with trio.fail_after(10):
+        task = await proxy.expect(Task, lambda t: t.prompt.startswith("y"))
+    assert task.prompt == huge
+    await finish(proxy, task)
+    telegram.add_chat(7)
+    stranger = {
+        "id": 7,
+        "is_bot": False,
+        "first_name": "x\nERROR forged \udc00",
+        "username": "\ud83d",
+    }
+    telegram.push_raw_update(
+        {"message": message("hi", chat={"id": 7, "type": "private"}, **{"from": stranger})}
+    )
+    with trio.fail_after(10):
+        await telegram.wait_until(lambda: bool(telegram.texts(7)))
+    assert telegram.texts(7) == ["Sorry, you are not allowed to use this bot (your user id: 7)."]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
