@@ -97,10 +97,16 @@ class Row:
 # --------------------------------------------------------------------------- helpers
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_split(pid))
 
 
 def rss_mb(pid: int) -> float:
@@ -444,6 +450,7 @@ class Hub:
     fake: FakeTelegram
     registration_s: float
     registration_cpu_s: float
+    fleet_cpu_s: float  # the simulated fleet's own CPU while registering
 
 
 @asynccontextmanager
@@ -496,7 +503,9 @@ def top_frames(raw: Path, n: int = 15) -> str:
             inclusive[name] = inclusive.get(name, 0) + samples
         if names:
             own[names[-1]] = own.get(names[-1], 0) + samples
-    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])[:n]
+    # Frames in nearly every sample (the interpreter, trio's run loop) say nothing.
+    telling = {k: v for k, v in inclusive.items() if v < 0.8 * total}
+    ranked = sorted(telling.items(), key=lambda kv: -kv[1])[:n]
     lines = [f"  {'incl':>6} {'self':>6}  function ({total} samples)"]
     for name, count in ranked:
         lines.append(
@@ -511,12 +520,13 @@ async def run_hub(
     chats: dict[int, str],
     *,
     profile: Path | None = None,
+    heartbeat_s: float = 30.0,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     fake = FakeTelegram(BOT_TOKEN)
     for chat in chats:
         fake.add_chat(chat)
-    state = work / f"hub-{n}-state"
+    state = work / f"hub-{n}-{heartbeat_s:g}-state"
     await pin_chats(state, chats)
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
@@ -526,22 +536,23 @@ async def run_hub(
             0,
             proxies=fleet_proxies(n),
             telegram_allowed_user_ids=sorted(chats),
-            heartbeat_timeout_s=30,
+            heartbeat_timeout_s=heartbeat_s,
         )
-        async with ManagerProcess(config, work / f"hub-{n}", prefix=SYSTEMD_NOFILE) as manager:
+        home = work / f"hub-{n}-{heartbeat_s:g}"
+        async with ManagerProcess(config, home, prefix=SYSTEMD_NOFILE) as manager:
             port = await manager.hub_port()
             await manager.wait_for_log(r"Telegram bot @\w+ ready")
             await trio.sleep(0.5)  # the manager settles (first long poll out)
-            fleet = FleetProcess(port, n)
+            fleet = FleetProcess(port, n, heartbeat_s)
             async with profiled(manager.pid, profile and profile / f"register-{n}.txt"):
                 cpu0 = cpu_s(manager.pid)
                 await nursery.start(fleet.run)
                 with trio.fail_after(300):
                     await fleet.ready.wait()
                 registration_cpu = cpu_s(manager.pid) - cpu0
-            task_status.started(
-                Hub(manager, fleet, fake, fleet.ready_at - fleet.connecting, registration_cpu)
-            )
+                fleet_cpu = cpu_s(fleet.pid)
+            wall = fleet.ready_at - fleet.connecting
+            task_status.started(Hub(manager, fleet, fake, wall, registration_cpu, fleet_cpu))
             try:
                 await trio.sleep_forever()
             finally:
@@ -570,28 +581,24 @@ async def hub_scale(
         chats = {FIRST_CHAT + i: f"p{i % n}" for i in range(200)}
         where = profile if n == biggest else None
         async with trio.open_nursery() as nursery:
-            hub: Hub = await nursery.start(partial(run_hub, work, n, chats, profile=where))
+            # Heartbeats all but off (an hour): these rows are registration and dispatch alone.
+            hub: Hub = await nursery.start(
+                partial(run_hub, work, n, chats, profile=where, heartbeat_s=3600)
+            )
             pid = hub.manager.pid
             rss = rss_mb(pid)
             rows.append(
                 Row(
                     f"{n} proxies register: wall / manager CPU / manager RSS",
                     f"{hub.registration_s:.2f} s / {hub.registration_cpu_s:.2f} s / {rss:.0f} MB",
-                    "target at 5 000: ≤ 3 s CPU, ≤ 150 MB" if n == biggest else "",
+                    (
+                        "target at 5 000: ≤ 3 s CPU, ≤ 150 MB; wall bound by the fleet client "
+                        f"(one process, {hub.fleet_cpu_s:.1f} s CPU)"
+                    )
+                    if n == biggest
+                    else "",
                 )
             )
-            if n == biggest:
-                async with profiled(pid, where and where / f"heartbeats-{n}.txt"):
-                    cpu0, t0 = cpu_s(pid), time.monotonic()
-                    await trio.sleep(heartbeat_window)
-                    share = (cpu_s(pid) - cpu0) / (time.monotonic() - t0)
-                rows.append(
-                    Row(
-                        f"{n} proxies idle: heartbeats' CPU ({heartbeat_window:.0f} s window)",
-                        f"{share * 100:.1f} % of one core",
-                        "pings both ways every ~10 s per proxy; target ≤ 5 %",
-                    )
-                )
             times = await dispatch_burst(hub, sorted(chats), "[[after:3]] dispatch")
             rows.append(
                 Row(
@@ -601,6 +608,35 @@ async def hub_scale(
                 )
             )
             nursery.cancel_scope.cancel()
+    # The heartbeats alone: the biggest fleet again, now with the default heartbeat (30 s).
+    async with trio.open_nursery() as nursery:
+        chats = {FIRST_CHAT: "p0"}
+        hub = await nursery.start(partial(run_hub, work, biggest, chats, heartbeat_s=30))
+        pid = hub.manager.pid
+        rows.append(
+            Row(
+                f"{biggest} proxies register, heartbeats on meanwhile: wall / manager CPU",
+                f"{hub.registration_s:.2f} s / {hub.registration_cpu_s:.2f} s",
+                "the registered proxies' heartbeats run during the rest's registration",
+            )
+        )
+        await trio.sleep(12.0)  # every proxy's first ping and the hub's went by
+        async with profiled(pid, profile and profile / f"heartbeats-{biggest}.txt"):
+            (user0, sys0), t0 = cpu_split(pid), time.monotonic()
+            await trio.sleep(heartbeat_window)
+            user1, sys1 = cpu_split(pid)
+            elapsed = time.monotonic() - t0
+        share, user = (user1 + sys1 - user0 - sys0) / elapsed, (user1 - user0) / elapsed
+        pings = 2 * biggest / 10
+        rows.append(
+            Row(
+                f"{biggest} proxies idle: heartbeats' CPU ({heartbeat_window:.0f} s window)",
+                f"{share * 100:.1f} % of one core ({user * 100:.1f} % user)",
+                f"~{pings:.0f} pings/s and as many pongs (each side pings every ~10 s); "
+                "target ≤ 5 %",
+            )
+        )
+        nursery.cancel_scope.cancel()
     return rows
 
 
@@ -651,7 +687,8 @@ async def telegram_throughput(work: Path) -> list[Row]:
             Row(
                 "50 chats streaming: Bot API requests / peak message requests in 1 s",
                 f"{total} / {peak}",
-                f"the outbox keeps to {OUR_RATE:.0f}/s (Telegram allows ~{TELEGRAM_RATE:.0f}/s)",
+                f"the outbox's {OUR_RATE:.0f}/s and its burst of 5"
+                f" (Telegram allows ~{TELEGRAM_RATE:.0f}/s)",
             )
         )
         await trio.sleep(2)
@@ -706,8 +743,11 @@ def outbox_rows() -> list[Row]:
     for chats, per_chat in ((200, 1), (200, 10)):
         n = chats * per_chat
         clock = trio.testing.MockClock(autojump_threshold=0)
-        cpu, woken, scheduler = trio.run(_outbox_run, chats, per_chat, False, clock=clock)
-        base, _, _ = trio.run(_outbox_run, chats, per_chat, True)
+        # The least of three runs each: CPU time of a sub-second run is noisy on a shared machine.
+        runs = [trio.run(_outbox_run, chats, per_chat, False, clock=clock) for _ in range(3)]
+        cpu = min(run[0] for run in runs)
+        _, woken, scheduler = runs[0]
+        base = min(trio.run(_outbox_run, chats, per_chat, True)[0] for _ in range(3))
         rows.append(
             Row(
                 f"outbox, {n} waiting sends: sends woken / scheduler wake-ups",
