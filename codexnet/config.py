@@ -44,6 +44,9 @@ DEFAULT_PROXY_CONFIG: Final = "proxy_config.json"
 DEFAULT_TELEGRAM_API_BASE: Final = "https://api.telegram.org"
 APPROVAL_POLICIES: Final = ("untrusted", "on-request", "never")
 SANDBOX_MODES: Final = ("read-only", "workspace-write", "danger-full-access")
+# A model name as `codex` and providers spell them (gpt-5.5, openai/gpt-oss:20b, …).
+MODEL_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+EFFORT_NAME: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CONFIG_DEPTH: Final = 16  # ours nest 4 deep (proxies → id → labels → label)
 MAX_DELIVERY_S: Final = 30 * 86400.0
 MAX_INTERVAL_S: Final = 3600.0
@@ -137,6 +140,16 @@ class ProxyConfig:
     manager_ca_file: Path | None = None
     # A Codex thread unused this long is unloaded from the app-server (0: never).
     thread_idle_unload_s: float = 1800.0
+    # Every path the chat can name (/get, /cd, files sent) must resolve inside
+    # one of these (symlinks resolved). Empty: [codex_cwd].
+    allowed_roots: tuple[Path, ...] = ()
+    model: str | None = None  # the default model of this machine's turns
+    effort: str | None = None  # the default reasoning effort
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """`allowed_roots`, resolved (the default is codex_cwd)."""
+        return self.allowed_roots or (self.codex_cwd.resolve(),)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The client TLS context for a `wss://` manager (system CAs, or `manager_ca_file`)."""
@@ -410,6 +423,29 @@ class _Reader:
             raise self.error(key, f"expected HOST:PORT, got {text!r}")
         return host.strip("[]") or "0.0.0.0", int(port)
 
+    def pattern(self, regex: re.Pattern[str], what: str) -> Callable[[str, Any], str]:
+        def check(key: str, value: Any) -> str:
+            text = self.string(key, value)
+            if not regex.fullmatch(text):
+                raise self.error(key, f"expected {what}; got {_show(text)}")
+            return text
+
+        return check
+
+    def directories(self, key: str, value: Any) -> tuple[Path, ...]:
+        """A list of existing directories, made absolute and with symlinks resolved."""
+        found = []
+        for text in self.strings(key, value):
+            path = Path(text).expanduser()
+            if not path.is_absolute():
+                path = Path.cwd() / path
+            if not path.is_dir():
+                raise self.error(key, f"{_show(text)} is not a directory")
+            found.append(path.resolve())
+        if not found:
+            raise self.error(key, "expected at least one directory")
+        return tuple(found)
+
     def choice(self, options: tuple[str, ...]) -> Callable[[str, Any], str]:
         def check(key: str, value: Any) -> str:
             text = self.string(key, value)
@@ -603,6 +639,15 @@ def load_proxy_config(
         thread_idle_unload_s=r.get(
             "thread_idle_unload_s", r.seconds(MAX_TIMEOUT_S, zero=True), 1800.0
         ),
+        allowed_roots=r.get("allowed_roots", r.directories, ()),
+        model=r.get("model", r.pattern(MODEL_NAME, "a model name like gpt-5.5"), None),
+        effort=r.get("effort", r.pattern(EFFORT_NAME, "a reasoning effort like medium"), None),
     )
+    real_cwd = config.codex_cwd.resolve()
+    if not any(real_cwd.is_relative_to(root) for root in config.roots):
+        raise r.error(
+            "allowed_roots",
+            f"codex_cwd {str(cwd)!r} is not inside any of them: the chat could not work there",
+        )
     r.check_unknown()
     return config

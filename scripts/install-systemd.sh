@@ -105,20 +105,25 @@ if has_role proxy; then
         proxy_home="/home/$proxy_user"
     fi
     plain_path "$proxy_home" "the home of $proxy_user,"
-    # Codex writes its home (CODEX_HOME, caches) and codex_cwd; nothing else.
+    # Codex writes its home (CODEX_HOME, caches), codex_cwd and the other
+    # allowed_roots (a conversation can /cd there, and sent files land there);
+    # nothing else.
     proxy_rw="$proxy_home"
     if [ -r "$proxy_config" ]; then
-        cwd="$("$python" - "$proxy_config" <<'PY' 2>/dev/null || true
+        dirs="$("$python" - "$proxy_config" <<'PY' 2>/dev/null || true
 import sys
 from pathlib import Path
 from codexnet.config import load_proxy_config
-print(load_proxy_config(Path(sys.argv[1]), env={}).codex_cwd)
+config = load_proxy_config(Path(sys.argv[1]), env={})
+for path in dict.fromkeys([config.codex_cwd, *config.allowed_roots]):
+    print(path)
 PY
 )"
-        if [ -n "$cwd" ]; then
-            plain_path "$cwd" "codex_cwd"
-            case "$cwd/" in "$proxy_home"/*) ;; *) proxy_rw="$proxy_rw $cwd" ;; esac
-        fi
+        while IFS= read -r dir; do
+            [ -n "$dir" ] || continue
+            plain_path "$dir" "codex_cwd or allowed_roots"
+            case "$dir/" in "$proxy_home"/*) ;; *) proxy_rw="$proxy_rw $dir" ;; esac
+        done <<< "$dirs"
     fi
 fi
 

@@ -94,8 +94,17 @@ async def test_start_up_clears_a_webhook_and_registers_commands(
         "reset",
         "cancel",
         "status",
+        "get",
+        "model",
+        "effort",
+        "threads",
+        "resume",
+        "cd",
         "help",
     ]
+    [help_text] = [m.text or "" for m in fake.messages(USER) if "/reset" in (m.text or "")]
+    for usage in ("/get <path>", "/model <name>", "/effort <level>", "/resume <thread id>"):
+        assert usage in help_text
 
 
 async def test_the_offset_is_confirmed_on_shutdown_and_survives_a_restart(
@@ -146,7 +155,7 @@ async def test_unknown_commands_and_non_text_messages_get_a_hint(
         nursery.cancel_scope.cancel()
     assert [m.text for m in fake.messages(USER)] == [
         "Unknown command /frobnicate. Try /help.",
-        "I can only read text messages for now.",
+        "I can read text, documents and photos; not this kind of message.",
     ]
 
 

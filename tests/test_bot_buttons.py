@@ -15,7 +15,15 @@ import pytest
 import trio
 
 from codexnet.manager.service import Manager, run_manager
-from codexnet.protocol import ApprovalDecision, ApprovalRequest, Task, TaskAck, TaskCancel
+from codexnet.protocol import (
+    ApprovalDecision,
+    ApprovalRequest,
+    ReadFile,
+    Task,
+    TaskAck,
+    TaskCancel,
+    TaskResult,
+)
 from tests.conftest import GROUP
 from tests.fakes.rawproxy import RawProxy, raw_proxy
 from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, STRANGER, USER, manager_config
@@ -178,3 +186,27 @@ async def test_keys_differ_for_every_task(telegram: FakeTelegram, proxy: RawProx
     for chat in chats:
         keys.update(buttons(await bot_message(telegram, chat, "Working on it")))
     assert len(keys) == 3
+
+
+async def test_a_diff_button_works_only_in_its_chat(
+    telegram: FakeTelegram, proxy: RawProxy
+) -> None:
+    telegram.push_message(USER, "change a file")
+    with trio.fail_after(5):
+        task = await proxy.expect(Task)
+    await proxy.send(TaskAck(task.task_id))
+    await proxy.send(TaskResult(task.task_id, "completed", text="Changed it.", diff_bytes=42))
+    answer = await bot_message(telegram, USER, "Changed it.")
+    holder = next(m for m in telegram.messages(USER) if any(b.startswith("d:") for b in buttons(m)))
+    [diff] = buttons(holder)
+    assert re.fullmatch(f"d:{KEY}", diff)
+    assert holder.message_id in (answer.message_id, answer.message_id - 1)
+    elsewhere = await group_message(telegram)
+
+    foreign = telegram.push_callback(GROUP, elsewhere.message_id, diff, user_id=USER)
+    unknown = telegram.push_callback(USER, holder.message_id, "d:AAAAAAAAAAAA")
+    assert await toast_for(telegram, foreign) == NOT_HERE
+    assert await toast_for(telegram, unknown) == "This button is no longer valid."
+    # Nothing was asked of the machine, and nothing sent to either chat.
+    assert [f for f in await proxy.nothing_for(0.5) if isinstance(f, ReadFile)] == []
+    assert not telegram.calls("sendDocument")

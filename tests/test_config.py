@@ -170,6 +170,19 @@ def test_proxy_config_defaults(tmp_path: Path) -> None:
     assert "secret-one" not in repr(config)
 
 
+def test_allowed_roots_default_to_codex_cwd_and_resolve_symlinks(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(project)
+    config = load_proxy_config(write(tmp_path, proxy_text(project)), env={})
+    assert config.roots == (project,)
+    text = proxy_text(project / "src", allowed_roots=[str(link)], model="gpt-5.5", effort="high")
+    config = load_proxy_config(write(tmp_path, text), env={})
+    assert config.roots == (project,)  # the link, resolved
+    assert (config.model, config.effort) == ("gpt-5.5", "high")
+
+
 def test_proxy_settings_reach_the_child_env(tmp_path: Path) -> None:
     text = proxy_text(tmp_path, http_proxy="http://p:3128", no_proxy="localhost")
     config = load_proxy_config(write(tmp_path, text), env={})
@@ -195,6 +208,12 @@ def test_proxy_settings_reach_the_child_env(tmp_path: Path) -> None:
             {"thread_idle_unload_s": -1},
             r"thread_idle_unload_s: expected a number of seconds in \[0, 604800\], got -1",
         ),
+        ({"allowed_roots": []}, "allowed_roots: expected at least one directory"),
+        ({"allowed_roots": ["/no/such/root"]}, "allowed_roots: '/no/such/root' is not a dir"),
+        ({"allowed_roots": ["/usr"]}, "allowed_roots: codex_cwd .* is not inside any of them"),
+        ({"model": "x" * 1000}, "model: expected a model name like gpt-5.5; got 'xxx"),
+        ({"model": "gpt 5"}, "model: expected a model name"),
+        ({"effort": "HIGH!"}, "effort: expected a reasoning effort like medium"),
     ],
 )
 def test_proxy_config_errors(tmp_path: Path, extra: dict[str, object], message: str) -> None:

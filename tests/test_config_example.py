@@ -142,6 +142,9 @@ def uncommented(path: Path, tmp_path: Path) -> dict[str, Any]:
         if key in data:
             (tmp_path / key).write_text("not checked by the loader, only by ssl at start")
             data[key] = str(tmp_path / key)
+    if "allowed_roots" in data:  # directories that exist, codex_cwd (tmp_path) among them
+        (tmp_path / "other").mkdir()
+        data["allowed_roots"] = [str(tmp_path), str(tmp_path / "other")]
     return data
 
 

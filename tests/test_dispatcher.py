@@ -24,6 +24,8 @@ from codexnet.protocol import (
     ApprovalRequest,
     CancelAck,
     DecisionAck,
+    FileFetch,
+    FilePart,
     ResultAck,
     Task,
     TaskAck,
@@ -118,6 +120,17 @@ async def test_a_result_for_an_unknown_task_is_acknowledged_and_dropped(hub: Hub
         await proxy.send(TaskResult("never-ours", "completed", text="?"))
         assert (await proxy.expect(ResultAck)).task_id == "never-ours"
     assert hub.store.tasks == {}
+
+
+async def test_a_file_fetch_for_a_task_gone_here_gets_an_error_not_silence(
+    hub: HubRunner,
+) -> None:
+    # Otherwise a proxy holding a task the manager withdrew would ask for its file forever.
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        await proxy.send(FileFetch("gone-task", 0, 0, 1024))
+        part = await proxy.expect(FilePart)
+    assert (part.task_id, part.index, part.data) == ("gone-task", 0, "")
+    assert part.error == "the manager no longer has this task"
 
 
 async def test_a_cancel_is_sent_again_until_acknowledged(hub: HubRunner) -> None:

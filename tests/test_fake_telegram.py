@@ -19,15 +19,20 @@ from tests.fakes.telegram_api import (
     ERR_CONFLICT_WEBHOOK_ACTIVE,
     ERR_DRAFT_ID_ZERO,
     ERR_DRAFT_PEER_INVALID,
+    ERR_FILE_TOO_BIG,
+    ERR_INVALID_FILE_ID,
     ERR_MESSAGE_TO_DELETE_NOT_FOUND,
     ERR_MESSAGE_TO_EDIT_NOT_FOUND,
     ERR_MESSAGE_TOO_LONG,
+    ERR_NOT_A_FORUM,
     ERR_NOT_MODIFIED,
     ERR_QUERY_TOO_OLD,
     ERR_TEXT_EMPTY,
     ERR_TEXT_MUST_BE_NON_EMPTY,
     ERR_TEXT_TOO_LONG,
+    ERR_THREAD_NOT_FOUND,
     ERR_UNSUPPORTED_PARSE_MODE,
+    MAX_DOWNLOAD_BYTES,
     MOCK_BASE_URL,
     NGINX_502_HTML,
     FakeTelegram,
@@ -684,3 +689,104 @@ async def test_wait_until_sees_a_bot_reply(fake: FakeTelegram, client: httpx.Asy
     times = [r.time for r in fake.requests if r.method == "sendMessage"]
     assert times == sorted(times)
     assert fake.stats.too_many_requests == 0
+
+
+# ------------------------------------------------------------------ forum topics & files
+
+
+async def test_forum_topics_and_message_thread_not_found(
+    fake: FakeTelegram, client: httpx.AsyncClient
+) -> None:
+    forum = fake.add_chat(GROUP, is_forum=True, title="team")
+    topic = fake.create_topic(GROUP, "backend")
+    fake.push_message(GROUP, "in a topic", message_thread_id=topic)
+    [update] = await ok(client, "getUpdates")
+    message = update["message"]
+    assert (message["message_thread_id"], message["is_topic_message"]) == (topic, True)
+    assert message["chat"] == {"id": GROUP, "type": "supergroup", "title": "team", "is_forum": True}
+    sent = await ok(client, "sendMessage", chat_id=GROUP, text="hi", message_thread_id=topic)
+    assert (sent["message_thread_id"], sent["is_topic_message"]) == (topic, True)
+    await ok(client, "sendChatAction", chat_id=GROUP, action="typing", message_thread_id=topic)
+    assert fake.chat_actions(GROUP)[-1].message_thread_id == topic
+    created = await ok(client, "createForumTopic", chat_id=GROUP, name="ops")
+    assert created["message_thread_id"] in forum.topics
+    fake.delete_topic(GROUP, topic)
+    for method, extra in (
+        ("sendMessage", {"text": "x"}),
+        ("sendChatAction", {"action": "typing"}),
+    ):
+        assert await error(client, method, chat_id=GROUP, message_thread_id=topic, **extra) == (
+            400,
+            ERR_THREAD_NOT_FOUND,
+        )
+    fake.add_chat(CHAT)  # a private chat without topics
+    assert await error(client, "sendMessage", chat_id=CHAT, text="x", message_thread_id=7) == (
+        400,
+        ERR_THREAD_NOT_FOUND,
+    )
+    assert await error(client, "createForumTopic", chat_id=CHAT, name="x") == (400, ERR_NOT_A_FORUM)
+
+
+async def test_get_file_and_the_download_url(fake: FakeTelegram, client: httpx.AsyncClient) -> None:
+    content = bytes(range(256)) * 5000  # 1.28 MB
+    fake.push_document(CHAT, content, file_name="data.bin", caption="look", media_group_id="g1")
+    [update] = await ok(client, "getUpdates")
+    document = update["message"]["document"]
+    assert (document["file_name"], document["file_size"]) == ("data.bin", len(content))
+    assert (update["message"]["caption"], update["message"]["media_group_id"]) == ("look", "g1")
+    info = await ok(client, "getFile", file_id=document["file_id"])
+    assert info["file_size"] == len(content)
+    response = await client.get(fake.file_url(info["file_path"]))
+    assert (response.status_code, response.content) == (200, content)
+    assert fake.calls("downloadFile")[-1].params == {"file_path": info["file_path"]}
+    wrong = fake.file_url(info["file_path"]).replace(TOKEN, "123456:other")
+    assert (await client.get(wrong)).status_code == 404
+    assert await error(client, "getFile", file_id="nope") == (400, ERR_INVALID_FILE_ID)
+    # Over 20 MB: getFile refuses with Telegram's words.
+    fake.push_document(CHAT, b"x" * (MAX_DOWNLOAD_BYTES + 1), file_name="big.bin")
+    updates = await ok(client, "getUpdates", offset=update["update_id"] + 1)
+    big = updates[0]["message"]["document"]["file_id"]
+    assert await error(client, "getFile", file_id=big) == (400, ERR_FILE_TOO_BIG)
+
+
+async def test_a_download_cut_halfway_breaks_the_connection(
+    fake: FakeTelegram, client: httpx.AsyncClient
+) -> None:
+    content = b"y" * 1_000_000
+    fake.push_document(CHAT, content, file_name="half.bin")
+    [update] = await ok(client, "getUpdates")
+    info = await ok(client, "getFile", file_id=update["message"]["document"]["file_id"])
+    fake.cut_download_next()
+    received = bytearray()
+
+    async def download() -> None:
+        async with client.stream("GET", fake.file_url(info["file_path"])) as response:
+            assert response.headers["content-length"] == str(len(content))
+            async for chunk in response.aiter_bytes():
+                received.extend(chunk)
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        await download()
+    assert 0 < len(received) < len(content)
+    fake.fail_download_next(502)
+    assert (await client.get(fake.file_url(info["file_path"]))).status_code == 502
+    assert (await client.get(fake.file_url(info["file_path"]))).content == content
+
+
+async def test_photos_come_in_sizes_and_albums_share_a_group() -> None:
+    fake = FakeTelegram(TOKEN)  # in memory
+    async with httpx.AsyncClient(transport=fake.transport()) as http:
+        base = f"{MOCK_BASE_URL}/bot{TOKEN}"
+        for n in range(2):
+            fake.push_photo(CHAT, b"\xff\xd8photo%d" % n * 100, media_group_id="album")
+        body = (await http.post(f"{base}/getUpdates", json={})).json()
+        photos = [u["message"]["photo"] for u in body["result"]]
+        assert [u["message"]["media_group_id"] for u in body["result"]] == ["album", "album"]
+        largest = photos[1][-1]
+        assert largest["width"] > photos[1][0]["width"]
+        info = (await http.post(f"{base}/getFile", json={"file_id": largest["file_id"]})).json()
+        url = f"{MOCK_BASE_URL}/file/bot{TOKEN}/{info['result']['file_path']}"
+        assert (await http.get(url)).content == b"\xff\xd8photo1" * 100
+        fake.cut_download_next(after=10)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get(url)

@@ -10,22 +10,33 @@ import pytest
 
 from codexnet.protocol import (
     _CHECKS,
+    MAX_CHUNK_BYTES,
     ApprovalDecision,
     ApprovalRequest,
+    FileFetch,
+    FilePart,
+    FileRef,
     Frame,
     Hello,
     Load,
+    ModelInfo,
     ProtocolError,
+    Query,
+    QueryResult,
+    ReadFile,
+    ReadResult,
     ResultAck,
     Task,
     TaskAck,
     TaskCancel,
     TaskEvent,
     TaskResult,
+    ThreadInfo,
     Welcome,
     decode_manager_frame,
     decode_proxy_frame,
     encode,
+    path_problem,
     too_deep,
     usable_usage,
 )
@@ -37,6 +48,17 @@ PROXY_FRAMES: list[Frame] = [
     ApprovalRequest("t1", "a1", "command", "rm -rf build", "in /srv"),
     TaskResult("t1", "completed", "Hello", "thread-1", None, {"totalTokens": 15}),
     Load(1, 2),
+    Hello("proxy1", "tok", 3, 1, workdir="/srv/app"),
+    TaskResult("t1", "completed", "Done", "thread-1", diff_bytes=120),
+    FileFetch("t1", 0, 524288, 524288),
+    QueryResult(
+        "q1",
+        models=[ModelInfo("gpt-5.5", "GPT-5.5", ["low", "high"], "low", True)],
+        threads=[ThreadInfo("01a20ae8-d49d-77e1-a254-5123c20b0a9b", "hello\nthere", 1700, "/srv")],
+        path="/srv/app/sub",
+    ),
+    QueryResult("q2", error="'..' is outside the allowed directories"),
+    ReadResult("r1", 0, "aGk=", 2, "notes\n.txt"),
 ]
 MANAGER_FRAMES: list[Frame] = [
     Welcome(),
@@ -45,6 +67,20 @@ MANAGER_FRAMES: list[Frame] = [
     TaskCancel("t1"),
     ApprovalDecision("t1", "a1", "acceptForSession"),
     ResultAck("t1"),
+    Task(
+        "t3",
+        -100123,
+        "look",
+        model="gpt-5.5",
+        effort="high",
+        cwd="/srv/app",
+        files=[FileRef(0, "../../evil\n.sh", 3, "a" * 64), FileRef(1, "", 9, "b" * 64, "photo")],
+    ),
+    FilePart("t3", 1, 0, "aGk="),
+    FilePart("t3", 1, 0, error="no such file"),
+    Query("q1", "cwd", "../other"),
+    ReadFile("r1", "notes.txt", 0, 524288, "/srv/app"),
+    ReadFile("r2", "t3", kind="diff"),
 ]
 
 
@@ -164,3 +200,81 @@ def test_a_reason_quoting_the_peer_is_one_ascii_line() -> None:
 def test_usable_usage_keeps_only_what_a_frame_may_carry() -> None:
     usage = {"input": 5, "neg": -1, "flag": True, "x" * 100: 1, "float": 1.5, "huge": 2**60}
     assert usable_usage(usage) == {"input": 5}
+
+
+def _frame(**fields: object) -> str:
+    return json.dumps(fields)
+
+
+@pytest.mark.parametrize(
+    ("raw", "decode", "message"),
+    [
+        (
+            _frame(type="file_fetch", task_id="t", index=0, offset=0, length=MAX_CHUNK_BYTES + 1),
+            decode_proxy_frame,
+            "length: expected 1..2097152",
+        ),
+        (
+            _frame(type="file_fetch", task_id="t", index=500, offset=0, length=1),
+            decode_proxy_frame,
+            "index: expected 0..99",
+        ),
+        (
+            _frame(type="file_part", task_id="t", index=0, offset=0, data="not base64, é"),
+            decode_manager_frame,
+            "data: not base64",
+        ),
+        (
+            _frame(type="query_result", request_id="q", models=[{"id": "x" * 200}]),
+            decode_proxy_frame,
+            r"models: \[0\]: id: longer than 128",
+        ),
+        (
+            _frame(type="query_result", request_id="q", models=[{"id": "m", "is_default": "yes"}]),
+            decode_proxy_frame,
+            "bad 'query_result' frame",
+        ),
+        (
+            _frame(type="read_result", request_id="../q"),
+            decode_proxy_frame,
+            "request_id: expected a request id",
+        ),
+        (
+            _frame(type="query", request_id="q", kind="cwd", arg="a\nb"),
+            decode_manager_frame,
+            "arg: a path cannot contain NUL or line breaks",
+        ),
+        (
+            _frame(type="query", request_id="q", kind="rm"),
+            decode_manager_frame,
+            "bad 'query' frame",
+        ),
+        (
+            _frame(
+                type="task",
+                task_id="t",
+                chat_id=1,
+                prompt="p",
+                files=[{"index": 0, "name": "a", "size": 1, "sha256": "nope"}],
+            ),
+            decode_manager_frame,
+            r"files: \[0\]: sha256: expected a SHA-256",
+        ),
+        (
+            _frame(type="task", task_id="t", chat_id=1, prompt="p", model="gpt 5\n"),
+            decode_manager_frame,
+            "model: contains a control character",
+        ),
+    ],
+)
+def test_bad_workspace_frames_name_the_field(raw: str, decode: object, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode(raw)  # type: ignore[operator]
+
+
+def test_a_path_the_chat_names_is_checked_the_same_on_both_ends() -> None:
+    assert path_problem("src/app.py") is None
+    assert path_problem("") is None  # "nothing given" is each command's own answer
+    assert path_problem("a\x00b") == "a path cannot contain NUL or line breaks"
+    assert path_problem("a\rb") == "a path cannot contain NUL or line breaks"
+    assert path_problem("x" * 1025) == "a path is at most 1024 characters"

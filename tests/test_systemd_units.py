@@ -38,6 +38,7 @@ def install(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def rendered(tmp_path: Path) -> Path:
     work = tmp_path / "work"
     work.mkdir()
+    (tmp_path / "other").mkdir()
     proxy_config = tmp_path / "proxy.json"
     proxy_config.write_text(
         json.dumps(
@@ -46,6 +47,7 @@ def rendered(tmp_path: Path) -> Path:
                 "proxy_id": "p",
                 "proxy_token": "a-generated-token-0123456789abcdef",
                 "codex_cwd": str(work),
+                "allowed_roots": [str(work), str(tmp_path / "other")],
             }
         )
     )
@@ -94,10 +96,13 @@ def test_the_units_point_at_this_checkout_and_keep_secrets_out(rendered: Path) -
     assert manager["StateDirectory"] == ["codexnet"]
     assert "CODEXNET_STATE_DIR=%S/codexnet" in manager["Environment"]
     assert proxy["User"] == ["codexdev"]
-    # Codex may write its home (/home/codexdev: the user does not exist here) and codex_cwd.
+    # Codex may write its home (/home/codexdev: the user does not exist here), codex_cwd
+    # and the other allowed roots (/cd, files sent), each once.
     rw = proxy["ReadWritePaths"][0].split()
     assert rw[0] == "/home/codexdev"
     assert rw[1].endswith("/work")
+    assert rw[2].endswith("/other")
+    assert len(rw) == 3
     for unit_file in rendered.iterdir():  # every placeholder filled in
         assert not re.search(r"@[A-Z_]+@", unit_file.read_text())
 

@@ -143,6 +143,7 @@ class Approvals:
                 approval.message_id = await self._replies.send_part(
                     approval.chat_id,
                     _chunk(describe(approval.kind, approval.summary, approval.detail)),
+                    topic=approval.topic,
                     priority=Priority.APPROVAL,
                     until=deadline,
                     reply_markup=keyboard(approval.key),
@@ -229,7 +230,9 @@ class Approvals:
                 )
             except TelegramError as exc:
                 log.info("approval message edit failed (%s); sending the outcome", exc.description)
-                await self._replies.send_text(approval.chat_id, outcome, until=until)
+                await self._replies.send_text(
+                    approval.chat_id, outcome, topic=approval.topic, until=until
+                )
         approval.state = "closed"
         await self._store.save_approval(approval, wait=False)
 

@@ -32,11 +32,13 @@ import trio
 from codexnet.backoff import backoff
 from codexnet.config import ManagerConfig
 from codexnet.db import StateError
-from codexnet.manager.commands import ChatCommands, Context
+from codexnet.manager.chat_context import Context, topic_of
+from codexnet.manager.commands import ChatCommands
 from codexnet.manager.conversation import Conversations
+from codexnet.manager.files import attachment_of, refusal
 from codexnet.manager.outbox import Outbox, Priority
 from codexnet.manager.replies import Replies
-from codexnet.manager.store import ManagerStore
+from codexnet.manager.store import Attachment, ManagerStore
 from codexnet.manager.telegram import (
     RetryAfter,
     TelegramClient,
@@ -273,26 +275,59 @@ class Bot:
         chat_id = message["chat"]["id"]
         user = message.get("from")
         text = message.get("text")
+        topic = topic_of(message)  # each forum topic is a conversation of its own
         if isinstance(message.get("message_id"), int):
             self._outbox.note_message_id(chat_id, message["message_id"])
         if not self.allowed(user):
-            self._refuse(chat_id, user)
+            self._refuse(chat_id, topic, user)
             return
         assert user is not None
-        if not isinstance(text, str) or not text.strip():
-            self._replies.post(chat_id, "I can only read text messages for now.")
+        attachment = attachment_of(message)
+        if attachment is not None:
+            await self._on_file(message, update_id, topic, attachment)
             return
-        ctx = Context(chat_id, 0, user)
+        if not isinstance(text, str) or not text.strip():
+            self._replies.post(
+                chat_id,
+                "I can read text, documents and photos; not this kind of message.",
+                topic=topic,
+            )
+            return
+        ctx = Context(chat_id, topic, user)
         if text.startswith("/"):
             await self._on_command(ctx, text)
         elif update_id in self._store.updates:
             log.info("update %s was journalled before a restart; not run again", update_id)
         else:
             await self._conversations.submit(
-                chat_id, 0, text, update_id=update_id, message_id=message.get("message_id")
+                chat_id, topic, text, update_id=update_id, message_id=message.get("message_id")
             )
 
-    def _refuse(self, chat_id: int, user: dict[str, Any] | None) -> None:
+    async def _on_file(
+        self, message: dict[str, Any], update_id: int, topic: int, attachment: Attachment
+    ) -> None:
+        """A document or photo: its caption is the prompt (a command in it is just text)."""
+        chat_id = message["chat"]["id"]
+        if update_id in self._store.updates:
+            log.info("update %s was journalled before a restart; not run again", update_id)
+            return
+        refused = refusal(attachment)
+        if refused is not None:
+            self._replies.post(chat_id, refused, topic=topic)
+            return
+        caption = message.get("caption")
+        media_group = message.get("media_group_id")
+        await self._conversations.submit(
+            chat_id,
+            topic,
+            caption if isinstance(caption, str) else "",
+            update_id=update_id,
+            message_id=message.get("message_id"),
+            attachment=attachment,
+            media_group=media_group if isinstance(media_group, str) else None,
+        )
+
+    def _refuse(self, chat_id: int, topic: int, user: dict[str, Any] | None) -> None:
         """Tell a stranger they are not allowed: once an hour per chat, then silence.
 
         A stranger cannot make the bot spend its send budget, or fill the log,
@@ -329,6 +364,7 @@ class Bot:
         self._replies.post(
             chat_id,
             f"Sorry, you are not allowed to use this bot (your user id: {user_id}).",
+            topic=topic,
             priority=Priority.LIVE,
         )
 
@@ -356,7 +392,7 @@ class Bot:
             return  # addressed to another bot in a group
         command = self._commands.find(name)
         if command is None:
-            self._replies.post(ctx.chat_id, f"Unknown command /{name}. Try /help.")
+            self._replies.post(ctx.chat_id, f"Unknown command /{name}. Try /help.", topic=ctx.topic)
             return
         await command.handler(ctx, rest.strip())
 

@@ -7,15 +7,20 @@ the message (chat, topic, who) and the text after the command.
 Buttons: `callback_data` is a few bytes, and none can be guessed or carried to
 another chat (a modified client can send any data under any message it sees):
 
-* `c:<key>` cancels a task and `a:<key>:y|s|n` answers an approval: the keys
-  are random (72 bits), stored with the task or the question, and checked
-  against the chat the button is pressed in;
+* `c:<key>` cancels a task, `a:<key>:y|s|n` answers an approval and `d:<key>`
+  sends a turn's diff: the keys are random (72 bits), stored with the task or
+  the question, and checked against the chat the button is pressed in;
 * `u:<tag>:<proxy>` picks a machine: the tag is an HMAC of the chat and the
   proxy keyed by the bot token, so it needs no storage, survives a restart,
   and is valid only in the chat it was offered in.
+* `m:<model>`, `e:<effort>`, `r:<thread id>` (`workspace_commands.py`) carry
+  only what the person could type in that conversation, and are checked again
+  exactly as `/model`, `/effort`, `/resume` would be: a crafted one is that
+  command, nothing more.
 
 A press from another chat, or with an unknown key or a wrong tag, gets a
-toast saying so and changes nothing.
+toast saying so and changes nothing. A press acts on the conversation (chat
+and forum topic) of the message it is under.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import attrs
 
 from codexnet.config import ManagerConfig
 from codexnet.manager.approvals import NOT_HERE, Approvals
+from codexnet.manager.chat_context import Context, topic_of
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import choose_proxy
-from codexnet.manager.store import ConversationKey, ManagerStore
+from codexnet.manager.store import ManagerStore
+from codexnet.manager.workspace_commands import WorkspaceCommands
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +56,6 @@ def button_tag(secret: str, chat_id: int, payload: str) -> str:
     """What binds a stateless button to its chat: unguessable without `secret`."""
     digest = hmac.digest(secret.encode(), f"{chat_id}:{payload}".encode(), "sha256")
     return base64.urlsafe_b64encode(digest[:TAG_BYTES]).decode()
-
-
-@attrs.frozen
-class Context:
-    chat_id: int
-    topic: int
-    user: dict[str, Any]
-
-    @property
-    def key(self) -> ConversationKey:
-        return (self.chat_id, self.topic)
 
 
 Handler = Callable[[Context, str], Awaitable[None]]
@@ -83,10 +79,12 @@ class ChatCommands:
         conversations: Conversations,
         approvals: Approvals,
         replies: Replies,
+        workspace: WorkspaceCommands,
     ) -> None:
         self._config = config
         self._store = store
         self._hub = hub
+        self._workspace = workspace
         self._conversations = conversations
         self._approvals = approvals
         self._replies = replies
@@ -95,14 +93,26 @@ class ChatCommands:
         self._table = self._build()
 
     def _build(self) -> list[Command]:
+        ws, bg = self._workspace, self._workspace.background
         return [
             Command("start", "/start", "What this bot does", self.help, menu=False),
             Command("use", "/use <proxy>", "Pick the machine for this chat", self.use),
             Command("reset", "/reset", "Start a new Codex conversation", self.reset),
             Command("cancel", "/cancel", "Stop the running task", self.cancel),
             Command(
-                "status", "/status", "Machines, their load, and this chat's choice", self.status
+                "status",
+                "/status",
+                "Machines, their load, this chat's machine, model, directory and thread",
+                self.status,
             ),
+            Command("get", "/get <path>", "Send a file from this chat's directory", bg(ws.get)),
+            Command(
+                "model", "/model <name>", "Model for this chat (alone: the list)", bg(ws.model)
+            ),
+            Command("effort", "/effort <level>", "Reasoning effort for this chat", bg(ws.effort)),
+            Command("threads", "/threads", "Recent Codex threads on this machine", bg(ws.threads)),
+            Command("resume", "/resume <thread id>", "Continue a Codex thread here", bg(ws.resume)),
+            Command("cd", "/cd <path>", "Working directory for this chat (alone: show)", bg(ws.cd)),
             Command("help", "/help", "This list of commands", self.help),
         ]
 
@@ -123,8 +133,12 @@ class ChatCommands:
 
     # ------------------------------------------------------------------ commands
 
+    def reply(self, ctx: Context, text: str, *, reply_markup: dict[str, Any] | None = None) -> None:
+        """A reply in the background, into the conversation's chat and topic."""
+        self._replies.post(ctx.chat_id, text, topic=ctx.topic, reply_markup=reply_markup)
+
     async def help(self, ctx: Context, argument: str) -> None:
-        self._replies.post(ctx.chat_id, self.help_text())
+        self.reply(ctx, self.help_text())
 
     async def use(self, ctx: Context, proxy_id: str) -> None:
         known = self._hub.known()
@@ -140,31 +154,27 @@ class ChatCommands:
                 if buttons
                 else f"No proxy is online. Known: {', '.join(known) or 'none'}."
             )
-            self._replies.post(
-                ctx.chat_id, text, reply_markup={"inline_keyboard": buttons} if buttons else None
-            )
+            self.reply(ctx, text, reply_markup={"inline_keyboard": buttons} if buttons else None)
             return
         if proxy_id not in known:
-            self._replies.post(
-                ctx.chat_id, f"Unknown proxy {proxy_id!r}. Known: {', '.join(known) or 'none'}."
-            )
+            self.reply(ctx, f"Unknown proxy {proxy_id!r}. Known: {', '.join(known) or 'none'}.")
             return
         self._store.conversation(ctx.key).proxy = proxy_id
         await self._store.save_conversation(ctx.key)
         state = "online" if proxy_id in self._hub.online else "offline right now"
-        self._replies.post(ctx.chat_id, f"This chat now uses {proxy_id} ({state}).")
+        self.reply(ctx, f"This chat now uses {proxy_id} ({state}).")
 
     async def reset(self, ctx: Context, argument: str) -> None:
         conv = self._store.conversation(ctx.key)
         conv.reset = True
         conv.threads.clear()
         await self._store.save_conversation(ctx.key)
-        self._replies.post(ctx.chat_id, "OK: your next message starts a new conversation.")
+        self.reply(ctx, "OK: your next message starts a new conversation.")
 
     async def cancel(self, ctx: Context, argument: str) -> None:
         task = self._conversations.current(ctx.key)
         if task is None:
-            self._replies.post(ctx.chat_id, "Nothing is running in this chat.")
+            self.reply(ctx, "Nothing is running in this chat.")
             return
         await self._conversations.cancel(task)
 
@@ -191,9 +201,15 @@ class ChatCommands:
             lines.append(f"\nThis chat uses {route.proxy_id} ({route.why}).")
         else:
             lines.append(f"\n{route.why}")
-        self._replies.post(ctx.chat_id, "\n".join(lines) or "No proxies configured.")
+        lines += self._workspace.describe(ctx, route.proxy_id)
+        self.reply(ctx, "\n".join(lines) or "No proxies configured.")
 
     # ------------------------------------------------------------------ buttons
+
+    @staticmethod
+    def _button_context(query: dict[str, Any], chat_id: int) -> Context:
+        """The conversation a button press is in: the chat and topic of its message."""
+        return Context(chat_id, topic_of(query.get("message") or {}), query.get("from") or {})
 
     def _use_button(self, chat_id: int, proxy_id: str) -> str:
         return f"u:{button_tag(self._button_secret, chat_id, proxy_id)}:{proxy_id}"
@@ -230,6 +246,21 @@ class ChatCommands:
                 self._replies.toast(query, NO_LONGER_VALID)
                 return
             self._replies.toast(query, f"Using {proxy_id}")
-            await self.use(Context(chat_id, 0, query.get("from") or {}), proxy_id)
+            await self.use(self._button_context(query, chat_id), proxy_id)
+            return
+        if kind == "d":
+            ref = self._store.diffs.get(rest)
+            if ref is None:
+                self._replies.toast(query, NO_LONGER_VALID)
+                return
+            if ref.chat_id != chat_id:
+                log.warning(
+                    "Diff button of chat %s pressed in chat %s: refused", ref.chat_id, chat_id
+                )
+                self._replies.toast(query, NOT_HERE)
+                return
+        if isinstance(chat_id, int) and kind in ("m", "e", "r", "d"):
+            self._replies.toast(query, "Sending the diff…" if kind == "d" else "OK")
+            await self._workspace.on_button(self._button_context(query, chat_id), kind, rest)
             return
         self._replies.toast(query, NO_LONGER_VALID)

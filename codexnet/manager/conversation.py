@@ -19,6 +19,12 @@ Deadlines, so nothing waits forever without saying so: a task whose proxy is
 offline before acknowledging it is withdrawn after `RECONNECT_GRACE_S`; a task
 without a result `RESULT_GRACE_S` after its own timeout is cancelled and
 reported. While its proxy is offline the live view says so.
+
+A prompt with files (a document, a photo, an album) is fetched from Telegram
+to the manager's disk while it is queued — an album's photos join the task
+until none has come for `ALBUM_WAIT_S` — and only then routed; a file that
+cannot be fetched ends the task with one line, and nothing runs. Its files
+are deleted from the manager's disk once the task has ended.
 """
 
 from __future__ import annotations
@@ -36,13 +42,20 @@ from codexnet.config import ManagerConfig
 from codexnet.db import StateError
 from codexnet.manager.delivery import Delivery, wall_to_trio
 from codexnet.manager.dispatcher import Dispatcher, wait_task_change
+from codexnet.manager.files import FileProblem, Files
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub
 from codexnet.manager.liveview import SHOW_AFTER_S, LiveView
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import choose_proxy
-from codexnet.manager.store import ConversationKey, ManagerStore, Outcome, TaskRecord
+from codexnet.manager.store import (
+    Attachment,
+    ConversationKey,
+    ManagerStore,
+    Outcome,
+    TaskRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,8 @@ TYPING_EVERY_S: Final = 4.0  # Telegram shows "typing" for ~5 s
 RECONNECT_GRACE_S: Final = 120.0  # an unacknowledged task waits this long for its proxy
 RESULT_GRACE_S: Final = 60.0  # beyond the task's own timeout, which the proxy enforces
 STATE_RETRY_S: Final = 5.0
+ALBUM_WAIT_S: Final = 1.5  # Telegram sends an album's photos one message each, together
+MAX_ALBUM_FILES: Final = 10  # Telegram's album size; more with one id start another prompt
 
 
 class Conversations:
@@ -64,8 +79,10 @@ class Conversations:
         replies: Replies,
         delivery: Delivery,
         grace: ShutdownGrace,
+        files: Files | None = None,
     ) -> None:
         self._config = config
+        self._files = files
         self._store = store
         self._hub = hub
         self._dispatcher = dispatcher
@@ -103,13 +120,29 @@ class Conversations:
         *,
         update_id: int | None = None,
         message_id: int | None = None,
+        attachment: Attachment | None = None,
+        media_group: str | None = None,
     ) -> TaskRecord | None:
-        """Journal a prompt (durably) and wake its conversation; None if refused."""
+        """Journal a prompt (durably) and wake its conversation; None if refused.
+
+        `attachment`: a file sent with it (its caption is `text`); a photo of an
+        album (`media_group`) joins the task already collecting that album.
+        """
         key = (chat_id, topic)
         waiting = self._store.open_tasks(key)
+        if attachment is not None:
+            attachment.update_id = update_id
+            album = self._album(key, media_group) if media_group else None
+            if album is not None:
+                await self._store.add_attachment(album, attachment, text)
+                album.album_until = trio.current_time() + ALBUM_WAIT_S
+                album.poke()
+                return album
         if len(waiting) > MAX_WAITING_PER_CHAT:
             self._replies.post(
-                chat_id, "Too many messages are waiting already; this one was not queued."
+                chat_id,
+                "Too many messages are waiting already; this one was not queued.",
+                topic=topic,
             )
             return None
         task = self._store.new_task(
@@ -120,11 +153,15 @@ class Conversations:
             timeout_s=self._config.task_timeout_s,
             update_id=update_id,
             message_id=message_id,
+            files=[attachment] if attachment is not None else None,
+            media_group=media_group,
         )
+        if media_group:
+            task.album_until = trio.current_time() + ALBUM_WAIT_S
         # The common case — nothing else open here, its machine online — is
         # journalled as dispatched in the same commit: one commit, not two,
-        # before the task is on its way.
-        proxy_id = self._route_now(task) if not waiting else None
+        # before the task is on its way. (Files are fetched first.)
+        proxy_id = self._route_now(task) if not waiting and not task.files else None
         if proxy_id is not None:
             self._store.assign(task, proxy_id, self._thread_for(task, proxy_id))
         await self._store.add_task(task)
@@ -134,9 +171,22 @@ class Conversations:
             assert self.nursery is not None
             self.nursery.start_soon(self._dispatcher.send_task, task)
         if any(t.state in ("queued", "sent", "acked") for t in waiting):
-            self._replies.post(chat_id, "Queued: I'll start on it when the current task finishes.")
+            self._replies.post(
+                chat_id, "Queued: I'll start on it when the current task finishes.", topic=topic
+            )
         self._wake(key)
         return task
+
+    def _album(self, key: ConversationKey, media_group: str) -> TaskRecord | None:
+        """The queued task collecting this album, if one is (and has room)."""
+        for task in self._store.open_tasks(key):
+            if (
+                task.media_group == media_group
+                and task.state == "queued"
+                and len(task.files) < MAX_ALBUM_FILES
+            ):
+                return task
+        return None
 
     def _task_id(self, update_id: int | None) -> str:
         """The task id of a prompt: derived from its Telegram update when it has one.
@@ -203,11 +253,18 @@ class Conversations:
         elif task.state in ("sent", "acked"):
             await self._follow(task)
         elif task.state == "finished":
+            if task.files and self._files is not None:
+                await self._files.discard(task.task_id)  # the proxy has no more use for them
             view = self._views.pop(task.task_id, None) or self._restored_view(task)
             await self._delivery.deliver(task, view)
 
     async def _start(self, task: TaskRecord) -> None:
         await task.persisted.wait()
+        if task.files:
+            problem = await self._fetch_files(task)
+            if problem is not None:
+                await self._dispatcher.finish(task, Outcome("failed", line=problem))
+                return
         proxy_id, why = await self._route(task)
         if task.cancel:
             await self._dispatcher.finish(
@@ -218,6 +275,26 @@ class Conversations:
             await self._dispatcher.finish(task, Outcome("failed", line=why))
             return
         await self._dispatcher.dispatch(task, proxy_id, self._thread_for(task, proxy_id))
+
+    async def _fetch_files(self, task: TaskRecord) -> str | None:
+        """Wait for the rest of an album, then fetch what is not on our disk yet.
+
+        None when all files are here; else the line that ends the task.
+        """
+        while trio.current_time() < task.album_until and not task.cancel:
+            with trio.move_on_at(task.album_until):
+                await task.changed.wait()
+        assert self._files is not None, "Conversations without Files cannot take files"
+        for attachment in list(task.files):
+            if attachment.sha256 is not None or task.cancel:
+                continue
+            try:
+                size, sha256 = await self._files.download(attachment)
+            except FileProblem as exc:
+                await self._files.discard(task.task_id)
+                return str(exc)
+            await self._store.attachment_stored(attachment, size, sha256)
+        return None
 
     async def _route(self, task: TaskRecord) -> tuple[str | None, str]:
         """The proxy for this task, waiting briefly for one to connect; else why not.
@@ -256,7 +333,7 @@ class Conversations:
                 return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(view.run)
-            nursery.start_soon(self._keep_typing, task.chat_id)
+            nursery.start_soon(self._keep_typing, task.chat_id, task.topic)
             await self._watch(task, view, until=math.inf)
             nursery.cancel_scope.cancel()
 
@@ -346,14 +423,15 @@ class Conversations:
             on_message=on_message,
             on_draft_refused=lambda: self._no_drafts.add(task.chat_id),
             grace=self._grace,
+            topic=task.topic,
         )
 
-    async def _keep_typing(self, chat_id: int) -> None:
+    async def _keep_typing(self, chat_id: int, topic: int) -> None:
         # Started with the live view, once the task has taken a moment: a quick
         # answer costs no chat action, and a burst of prompts is dispatched
         # before a burst of "typing" requests competes with it.
         while True:
-            await self._outbox.chat_action(chat_id)
+            await self._outbox.chat_action(chat_id, topic=topic)
             await trio.sleep(TYPING_EVERY_S)
 
     # ------------------------------------------------------------------ cancel

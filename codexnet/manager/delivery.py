@@ -55,6 +55,10 @@ def describe_outcome(outcome: Outcome) -> str:
     return f"{head}\n\n{text}" if text else head
 
 
+def diff_keyboard(key: str) -> dict[str, Any]:
+    return {"inline_keyboard": [[{"text": "📄 Diff", "callback_data": f"d:{key}"}]]}
+
+
 def wall_to_trio(wall: float) -> float:
     """A wall-clock instant on trio's clock (state survives restarts in wall time)."""
     return trio.current_time() - (time.time() - wall)
@@ -83,13 +87,20 @@ class Delivery:
         assert task.finished is not None
         until = wall_to_trio(task.finished + self._give_up_s)
         await self._approvals.expire_task(task)
+        # A turn that changed files offers its diff: on the final status line, or
+        # (a quick task shows none) on the last part of the answer.
+        diff = diff_keyboard(task.diff_key) if task.diff_key else None
+        on_view = view is not None and view.status_message_id is not None
         if view is not None:
             with self._grace.protect() as step:
-                await view.finish(FINISH_LINES.get(outcome.status, "⚠️ Failed"), until=until)
+                await view.finish(
+                    FINISH_LINES.get(outcome.status, "⚠️ Failed"), until=until, markup=diff
+                )
             if step.cancelled_caught:
                 return  # shutting down: the next start picks it up from here
         text = describe_outcome(outcome)
         parts = plain_parts(text) if outcome.line else answer_parts(text)
+        last_markup = None if on_view else diff
         with_document = len(parts) > DOCUMENT_AFTER_PARTS
         total = len(parts) + int(with_document)
         # A previous run began this delivery: it may have sent the next part
@@ -108,10 +119,13 @@ class Delivery:
                 message_id: int | None = None
                 if index < len(parts):
                     part = parts[index]
+                    markup = last_markup if index == len(parts) - 1 else None
                     if resumed and index == first:
-                        message_id = await self._already_posted(task, part)
+                        message_id = await self._already_posted(task, part, markup)
                     if message_id is None:
-                        sent = await self._replies.send_answer_part(task.chat_id, part, until=until)
+                        sent = await self._replies.send_answer_part(
+                            task.chat_id, part, topic=task.topic, until=until, reply_markup=markup
+                        )
                         if isinstance(sent, Abandoned):
                             return  # shutting down before it went out: the next start sends it
                         message_id = sent
@@ -122,6 +136,7 @@ class Delivery:
                         "answer.md",
                         (outcome.text if outcome.status == "completed" else text).encode(),
                         f"The whole answer ({len(parts)} messages above).",
+                        topic=task.topic,
                         until=until,
                     )
                 if not ok:
@@ -140,13 +155,17 @@ class Delivery:
                 return  # shutting down: the next start resumes at the part not yet counted
         await self._store.mark_done(task)
 
-    async def _already_posted(self, task: TaskRecord, part: Chunk) -> int | None:
+    async def _already_posted(
+        self, task: TaskRecord, part: Chunk, markup: dict[str, Any] | None
+    ) -> int | None:
         anchor = task.delivery_anchor
         if anchor is None or anchor == NO_ANCHOR:
             return None  # nothing known to look after: send it (a duplicate at worst)
         params: dict[str, Any] = {"chat_id": task.chat_id, "text": part.text}
         if part.entities:
             params["entities"] = list(part.entities)
+        if markup is not None:
+            params["reply_markup"] = markup
         try:
             found = await self._outbox.find_posted(params, after=anchor)
         except TelegramError:

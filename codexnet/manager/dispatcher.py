@@ -37,12 +37,18 @@ from codexnet.manager.hub import Hub, ProxyConn
 from codexnet.manager.store import ApprovalRecord, ManagerStore, Outcome, TaskRecord
 from codexnet.protocol import (
     CLOSE_FOREIGN,
+    MAX_FILE_NAME_CHARS,
     ApprovalDecision,
     ApprovalRequest,
     CancelAck,
     DecisionAck,
+    FileFetch,
+    FilePart,
+    FileRef,
     Hello,
     ProxyFrame,
+    QueryResult,
+    ReadResult,
     ResultAck,
     Task,
     TaskAck,
@@ -57,6 +63,8 @@ FOREIGN_LOG_EVERY_S: Final = 60.0
 FOREIGN_CLOSE_AFTER: Final = 5  # frames for other proxies' tasks before the link is closed
 
 ApprovalHandler = Callable[[TaskRecord, ApprovalRequest], Awaitable[None]]
+FileFetchHandler = Callable[[ProxyConn, TaskRecord, FileFetch], Awaitable[None]]
+ReplyHandler = Callable[[ProxyConn, QueryResult | ReadResult], None]
 
 
 async def _no_approvals(task: TaskRecord, request: ApprovalRequest) -> None:
@@ -71,6 +79,11 @@ class Dispatcher:
         # before it returns: that is what the cap counts.
         self.on_approval: ApprovalHandler = _no_approvals
         self.max_open_approvals = max_open_approvals
+        # The workspace (machine_requests.py): a task's files, and answers to questions.
+        self.on_file_fetch: FileFetchHandler | None = None
+        self.on_reply: ReplyHandler | None = None
+        self.on_online: Callable[[str], None] = lambda proxy_id: None
+        self.workdirs: dict[str, str] = {}  # proxy → its codex_cwd (from its hello)
         self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
         self._flood_logged: set[str] = set()  # tasks whose surplus approvals were logged
@@ -113,7 +126,27 @@ class Dispatcher:
         await self._hub.send(task.proxy_id, self._decision_frame(approval))
 
     def _task_frame(self, task: TaskRecord) -> Task:
-        return Task(task.task_id, task.chat_id, task.prompt, task.thread_id, task.timeout_s)
+        files = [
+            FileRef(
+                a.index,
+                a.name[:MAX_FILE_NAME_CHARS],  # the proxy shortens it further
+                a.size,
+                a.sha256 or "",
+                "photo" if a.kind == "photo" else "document",
+            )
+            for a in task.files
+        ]
+        return Task(
+            task.task_id,
+            task.chat_id,
+            task.prompt,
+            task.thread_id,
+            task.timeout_s,
+            model=task.model,
+            effort=task.effort,
+            cwd=task.cwd,
+            files=files,
+        )
 
     @staticmethod
     def _decision_frame(approval: ApprovalRecord) -> ApprovalDecision:
@@ -127,6 +160,7 @@ class Dispatcher:
 
     async def proxy_online(self, conn: ProxyConn, hello: Hello) -> None:
         """Reconcile with what the proxy says it holds; send what it has not acknowledged."""
+        self.workdirs[conn.proxy_id] = hello.workdir
         held = set(hello.running) | set(hello.finished)
         mine = [t for t in self._store.open_tasks() if t.proxy_id == conn.proxy_id]
         for task in mine:
@@ -170,6 +204,7 @@ class Dispatcher:
                 await conn.send(self._decision_frame(approval))
         for task in mine:
             task.poke()  # live views: the machine is back
+        self.on_online(conn.proxy_id)  # questions asked while it was away go again
 
     def proxy_offline(self, conn: ProxyConn) -> None:
         for task in self._store.open_tasks():
@@ -177,11 +212,20 @@ class Dispatcher:
                 task.poke()
 
     async def on_frame(self, conn: ProxyConn, frame: ProxyFrame) -> None:
+        if isinstance(frame, QueryResult | ReadResult):
+            if self.on_reply is not None:
+                self.on_reply(conn, frame)
+            return
         task_id = getattr(frame, "task_id", None)
         if task_id is None:
             return
         task = self._store.tasks.get(task_id)
         if task is None:
+            if isinstance(frame, FileFetch):
+                # Ended here meanwhile (withdrawn, say): its files are gone for good.
+                error = "the manager no longer has this task"
+                await conn.send(FilePart(task_id, frame.index, frame.offset, error=error))
+                return
             if isinstance(frame, TaskResult):
                 # Finished long ago (a late duplicate) or never ours: the proxy may let it go.
                 log.debug("result for a task not open here: %s", task_id)
@@ -202,6 +246,9 @@ class Dispatcher:
         elif isinstance(frame, ApprovalRequest):
             if task.state in ("sent", "acked"):
                 await self._approval_request(conn, task, frame)
+        elif isinstance(frame, FileFetch):
+            if self.on_file_fetch is not None:
+                await self.on_file_fetch(conn, task, frame)
         elif isinstance(frame, TaskResult):
             # In its own task: the reader goes on while the result is committed,
             # so results arriving together share one commit instead of queueing
@@ -253,6 +300,7 @@ class Dispatcher:
                         error=frame.error,
                         thread_id=frame.thread_id,
                         usage=dict(frame.usage),
+                        diff_bytes=frame.diff_bytes,
                     ),
                 )
             except StateError as exc:

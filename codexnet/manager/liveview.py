@@ -32,6 +32,7 @@ import trio
 
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.outbox import Outbox, Priority
+from codexnet.manager.replies import in_topic, thread_gone
 from codexnet.manager.telegram import NO_KEYBOARD, RetryAfter, TelegramError
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,11 @@ class LiveView:
         on_message: Callable[[int | None], None] = lambda message_id: None,
         on_draft_refused: Callable[[], None] = lambda: None,
         grace: ShutdownGrace | None = None,
+        topic: int = 0,
     ) -> None:
         self._outbox = outbox
         self.chat_id = chat_id
+        self.topic = topic  # forum topic: the status message and drafts go there
         self.proxy_id = proxy_id
         self.interval = interval
         self.use_draft = use_draft
@@ -136,7 +139,12 @@ class LiveView:
             try:
                 await self._outbox.send(
                     "sendMessageDraft",
-                    {"chat_id": self.chat_id, "draft_id": self._draft_id, "text": shown},
+                    {
+                        "chat_id": self.chat_id,
+                        **in_topic(self.topic),
+                        "draft_id": self._draft_id,
+                        "text": shown,
+                    },
                     priority=Priority.LIVE,
                     coalesce=("draft", self.chat_id, self._draft_id),
                 )
@@ -169,6 +177,7 @@ class LiveView:
                 "sendMessage",
                 {
                     "chat_id": self.chat_id,
+                    **in_topic(self.topic),
                     "text": text,
                     "reply_markup": cancel_keyboard(self._cancel_data) if keyboard else None,
                 },
@@ -177,6 +186,11 @@ class LiveView:
                 on_unknown="probe",
             )
         except TelegramError as exc:
+            if self.topic and thread_gone(exc):
+                log.warning("chat %s: topic %s is gone; using the chat", self.chat_id, self.topic)
+                self.topic = 0
+                await self._send_status_now(text, keyboard)
+                return
             log.warning(
                 "chat %s: could not send the status message: %s", self.chat_id, exc.description
             )
@@ -217,9 +231,12 @@ class LiveView:
             log.debug("chat %s: live edit skipped: %s", self.chat_id, exc.description)
             return False
 
-    async def finish(self, line: str, *, until: float) -> None:
-        """The task ended: the status message becomes one line, without the button."""
+    async def finish(
+        self, line: str, *, until: float, markup: dict[str, Any] | None = None
+    ) -> None:
+        """The task ended: the status message becomes one line, without the Cancel
+        button (with `markup` instead, e.g. the Diff button)."""
         elapsed = format_elapsed(max(0.0, trio.current_time() - self.started))
         text = f"{line} · {self.proxy_id} · {elapsed}"
         if self.status_message_id is not None:  # a quick task never showed a view
-            await self._edit(text, NO_KEYBOARD, until=until)
+            await self._edit(text, markup or NO_KEYBOARD, until=until)

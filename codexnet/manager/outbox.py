@@ -54,6 +54,7 @@ from codexnet.manager.telegram import (
     TelegramClient,
     TelegramError,
     TelegramUnavailable,
+    UploadFiles,
     log_unavailable,
 )
 
@@ -239,13 +240,16 @@ class Outbox:
         lane = self._lanes.get(chat_id)
         return lane.paused_until if lane else 0.0
 
-    async def chat_action(self, chat_id: int, action: str = "typing") -> None:
+    async def chat_action(self, chat_id: int, action: str = "typing", *, topic: int = 0) -> None:
         """A chat action, best effort: never spends the message budget; waits for an action slot."""
         if self.paused_until(chat_id) > trio.current_time():
             return
+        params: dict[str, Any] = {"chat_id": chat_id, "action": action}
+        if topic:
+            params["message_thread_id"] = topic
         try:
             async with self._action_slots:
-                await self.client.request("sendChatAction", {"chat_id": chat_id, "action": action})
+                await self.client.request("sendChatAction", params)
         except RetryAfter as exc:
             self._lane(chat_id).paused_until = trio.current_time() + exc.retry_after
         except TelegramError as exc:  # typing is cosmetic
@@ -260,7 +264,7 @@ class Outbox:
         until: float | None = None,
         on_unknown: OnUnknown = "resend",
         coalesce: Hashable | None = None,
-        files: dict[str, tuple[str, bytes, str]] | None = None,
+        files: UploadFiles | None = None,
         abandonable: bool = False,
     ) -> Any:
         """Send `method` to `params["chat_id"]` in its turn; its result.

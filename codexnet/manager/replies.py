@@ -12,12 +12,18 @@
 The agent's Markdown goes out as text plus explicit entities (no parse_mode,
 so nothing can fail to parse). An answer longer than `DOCUMENT_AFTER_PARTS`
 messages also arrives as an `answer.md` document, easier to read and keep.
+
+Forum topics: every send takes the conversation's `topic` (its
+`message_thread_id`; 0 outside topics). When Telegram answers "message thread
+not found" (the topic was deleted) the message goes to the chat's General
+topic instead, once logged: an answer is worth more than its place.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import trio
@@ -32,6 +38,15 @@ DOCUMENT_AFTER_PARTS: Final = 3
 REPLY_RETRY_S: Final = 300.0  # command replies are worth a few minutes of retrying, not more
 
 
+def in_topic(topic: int) -> dict[str, Any]:
+    """The send parameter that puts a message into forum topic `topic` (0: none)."""
+    return {"message_thread_id": topic} if topic else {}
+
+
+def thread_gone(exc: TelegramError) -> bool:
+    return exc.code == 400 and exc.matches("message thread not found")
+
+
 def answer_parts(markdown: str) -> list[Chunk]:
     """The messages an answer becomes (deterministic: a restart resumes at the same part)."""
     return split_chunk(render_markdown(markdown)) or [Chunk("(empty)")]
@@ -42,6 +57,7 @@ def plain_parts(text: str) -> list[Chunk]:
 
 
 class _Post(NamedTuple):
+    topic: int
     text: str
     reply_markup: dict[str, Any] | None
     priority: Priority
@@ -58,24 +74,36 @@ class Replies:
         chat_id: int,
         part: Chunk,
         *,
+        topic: int = 0,
         priority: Priority = Priority.ANSWER,
         until: float | None = None,
         reply_markup: dict[str, Any] | None = None,
     ) -> int | None:
         """Send one message; its id, or None if Telegram refused it for good (logged)."""
-        sent = await self._send(chat_id, part, priority, until, reply_markup, abandonable=False)
+        sent = await self._send(
+            chat_id, topic, part, priority, until, reply_markup, abandonable=False
+        )
         assert not isinstance(sent, Abandoned)
         return sent
 
     async def send_answer_part(
-        self, chat_id: int, part: Chunk, *, until: float | None
+        self,
+        chat_id: int,
+        part: Chunk,
+        *,
+        topic: int = 0,
+        until: float | None,
+        reply_markup: dict[str, Any] | None = None,
     ) -> int | Abandoned | None:
         """`send_part` for a part of an answer: `ABANDONED` if shutdown came before it went."""
-        return await self._send(chat_id, part, Priority.ANSWER, until, None, abandonable=True)
+        return await self._send(
+            chat_id, topic, part, Priority.ANSWER, until, reply_markup, abandonable=True
+        )
 
     async def _send(
         self,
         chat_id: int,
+        topic: int,
         part: Chunk,
         priority: Priority,
         until: float | None,
@@ -85,6 +113,7 @@ class Replies:
     ) -> int | Abandoned | None:
         params: dict[str, Any] = {
             "chat_id": chat_id,
+            **in_topic(topic),
             "text": part.text,
             "reply_markup": reply_markup,
         }
@@ -100,6 +129,11 @@ class Replies:
                 abandonable=abandonable,
             )
         except TelegramError as exc:
+            if topic and thread_gone(exc):
+                log.warning("chat %s: topic %s is gone; sending to the chat", chat_id, topic)
+                return await self._send(
+                    chat_id, 0, part, priority, until, reply_markup, abandonable=abandonable
+                )
             if part.entities and exc.code == 400:
                 # Formatting refused (entities out of range, too many, …): the words matter more.
                 log.warning(
@@ -109,7 +143,7 @@ class Replies:
                 )
                 plain = Chunk(part.text)
                 return await self._send(
-                    chat_id, plain, priority, until, reply_markup, abandonable=abandonable
+                    chat_id, topic, plain, priority, until, reply_markup, abandonable=abandonable
                 )
             log.error("could not send a message to chat %s: %s", chat_id, exc.description)
             return None
@@ -123,6 +157,7 @@ class Replies:
         chat_id: int,
         text: str,
         *,
+        topic: int = 0,
         reply_markup: dict[str, Any] | None = None,
         priority: Priority = Priority.REPLY,
         until: float | None = None,
@@ -135,7 +170,7 @@ class Replies:
         for index, part in enumerate(parts):
             markup = reply_markup if index == len(parts) - 1 else None
             message_id = await self.send_part(
-                chat_id, part, priority=priority, until=until, reply_markup=markup
+                chat_id, part, topic=topic, priority=priority, until=until, reply_markup=markup
             )
         return message_id
 
@@ -144,6 +179,7 @@ class Replies:
         chat_id: int,
         text: str,
         *,
+        topic: int = 0,
         reply_markup: dict[str, Any] | None = None,
         priority: Priority = Priority.REPLY,
     ) -> None:
@@ -152,7 +188,7 @@ class Replies:
         A chat's posts go out in the order they were made (one sender per chat).
         """
         assert self.nursery is not None, "Replies.post before the bot runs"
-        post = _Post(text, reply_markup, priority)
+        post = _Post(topic, text, reply_markup, priority)
         queue = self._posts.get(chat_id)
         if queue is not None:
             queue.append(post)
@@ -164,10 +200,10 @@ class Replies:
         queue = self._posts[chat_id]
         try:
             while queue:
-                text, reply_markup, priority = queue[0]
+                topic, text, reply_markup, priority = queue[0]
                 try:
                     await self.send_text(
-                        chat_id, text, reply_markup=reply_markup, priority=priority
+                        chat_id, text, topic=topic, reply_markup=reply_markup, priority=priority
                     )
                 except TelegramError as exc:
                     log.warning("chat %s: a reply was not delivered: %s", chat_id, exc.description)
@@ -176,17 +212,46 @@ class Replies:
             del self._posts[chat_id]
 
     async def send_document(
-        self, chat_id: int, name: str, data: bytes, caption: str, *, until: float | None
+        self,
+        chat_id: int,
+        name: str,
+        data: bytes | Path,
+        caption: str,
+        *,
+        topic: int = 0,
+        until: float | None,
+        mime_type: str = "text/markdown",
+        priority: Priority = Priority.ANSWER,
+        reply_markup: dict[str, Any] | None = None,
     ) -> bool:
+        """Send a document (bytes, or a file streamed from disk); False if refused (logged)."""
+        params: dict[str, Any] = {
+            "chat_id": chat_id,
+            **in_topic(topic),
+            "caption": caption,
+            "reply_markup": reply_markup,
+        }
         try:
             await self.outbox.send(
                 "sendDocument",
-                {"chat_id": chat_id, "caption": caption},
-                priority=Priority.ANSWER,
+                params,
+                priority=priority,
                 until=until,
-                files={"document": (name, data, "text/markdown")},
+                files={"document": (name, data, mime_type)},
             )
         except TelegramError as exc:
+            if topic and thread_gone(exc):
+                log.warning("chat %s: topic %s is gone; sending to the chat", chat_id, topic)
+                return await self.send_document(
+                    chat_id,
+                    name,
+                    data,
+                    caption,
+                    until=until,
+                    mime_type=mime_type,
+                    priority=priority,
+                    reply_markup=reply_markup,
+                )
             log.error("could not send %s to chat %s: %s", name, chat_id, exc.description)
             return False
         return True

@@ -6,7 +6,8 @@ run_manager
 ├── Hub.serve             proxies connect here (one error-bounded task per connection)
 ├── Bot.poll              getUpdates long-poll
 └── background work       one lane per conversation with open tasks; approvals;
-                          replies sent in the background
+                          replies sent in the background; workspace commands
+                          (they wait for a machine, never the update handler)
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from codexnet.manager.commands import ChatCommands
 from codexnet.manager.conversation import Conversations
 from codexnet.manager.delivery import Delivery, describe_outcome
 from codexnet.manager.dispatcher import Dispatcher, wait_task_change
+from codexnet.manager.files import Files
 from codexnet.manager.grace import ShutdownGrace
 from codexnet.manager.hub import Hub
+from codexnet.manager.machine_requests import MachineRequests
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
 from codexnet.manager.store import ManagerStore, Outcome
 from codexnet.manager.telegram import TelegramClient
+from codexnet.manager.workspace_commands import WorkspaceCommands
 from codexnet.statelock import hold_state_lock
 
 log = logging.getLogger(__name__)
@@ -121,10 +125,19 @@ async def run_manager(
         approvals.nursery = nursery
         dispatcher.on_approval = approvals.on_request
         delivery = Delivery(store, replies, approvals, grace, give_up_s=config.delivery_give_up_s)
+        files = Files(tg, http, store.state_dir)
+        await files.prune({task.task_id for task in store.open_tasks() if task.files})
+        machines = MachineRequests(hub, files)
+        machines.nursery = nursery
+        dispatcher.on_file_fetch = machines.on_file_fetch
+        dispatcher.on_reply = machines.on_reply
+        dispatcher.on_online = machines.on_online
         conversations = Conversations(
-            config, store, hub, dispatcher, outbox, replies, delivery, grace
+            config, store, hub, dispatcher, outbox, replies, delivery, grace, files
         )
-        commands = ChatCommands(config, store, hub, conversations, approvals, replies)
+        workspace = WorkspaceCommands(config, store, hub, dispatcher, machines, replies)
+        workspace.nursery = nursery
+        commands = ChatCommands(config, store, hub, conversations, approvals, replies, workspace)
         bot = Bot(config, tg, outbox, store, replies, conversations, commands)
 
         await nursery.start(outbox.run)

@@ -12,7 +12,12 @@ It holds everything a restart must not lose:
   cancel, its result until every part of the answer is in the chat, and its
   live view (status message id and Cancel-button key);
 * **approvals**: each question keyed by (task, approval id), its button key,
-  its message, and the decision until the proxy acknowledged it.
+  its message, and the decision until the proxy acknowledged it;
+* the **workspace** (schema 2): each conversation's model, effort and one
+  working directory per proxy (`workdirs`); each task's files
+  (`attachments`: what Telegram announced, and once fetched, their SHA-256 —
+  the bytes are in `state_dir/files/<task>/<index>` until the task ends);
+  the settings a task was dispatched with, and the key of its Diff button.
 
 The running manager reads nothing from the database: `open()` loads it into
 the in-memory mirror below, and each event writes its own rows (no file is
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -106,6 +112,34 @@ MIGRATIONS: Final = (
         PRIMARY KEY (task_id, approval_id)
     )
     """,
+    """
+    ALTER TABLE conversations ADD COLUMN model TEXT;
+    ALTER TABLE conversations ADD COLUMN effort TEXT;
+    CREATE TABLE workdirs (
+        chat_id INTEGER NOT NULL,
+        topic INTEGER NOT NULL DEFAULT 0,
+        proxy_id TEXT NOT NULL,
+        cwd TEXT NOT NULL,
+        PRIMARY KEY (chat_id, topic, proxy_id)
+    );
+    ALTER TABLE tasks ADD COLUMN model TEXT;
+    ALTER TABLE tasks ADD COLUMN effort TEXT;
+    ALTER TABLE tasks ADD COLUMN cwd TEXT;
+    ALTER TABLE tasks ADD COLUMN media_group TEXT;
+    ALTER TABLE tasks ADD COLUMN diff_key TEXT;
+    CREATE TABLE attachments (
+        task_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        file_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        update_id INTEGER,
+        sha256 TEXT,
+        PRIMARY KEY (task_id, idx)
+    );
+    CREATE INDEX tasks_by_diff ON tasks(diff_key) WHERE diff_key IS NOT NULL
+    """,
 )
 
 
@@ -114,6 +148,33 @@ class Conversation:
     proxy: str | None = None
     threads: dict[str, str] = attrs.Factory(dict)
     reset: bool = False
+    model: str | None = None  # None: the machine's default
+    effort: str | None = None
+    workdirs: dict[str, str] = attrs.Factory(dict)  # proxy → directory chosen with /cd
+
+
+@attrs.define(eq=False)
+class Attachment:
+    """A file that came with a prompt (a document or a photo)."""
+
+    task_id: str
+    index: int
+    kind: str  # "document" | "photo"
+    file_id: str  # Telegram's, for getFile
+    name: str  # as sent ("" for a photo)
+    size: int  # as Telegram announced it, then as fetched
+    update_id: int | None = None
+    sha256: str | None = None  # set once its bytes are on the manager's disk
+
+
+@attrs.frozen
+class DiffRef:
+    """What a Diff button sends: the diff the task's proxy kept, into the task's chat."""
+
+    task_id: str
+    proxy_id: str
+    chat_id: int
+    topic: int
 
 
 @attrs.frozen
@@ -126,6 +187,7 @@ class Outcome:
     thread_id: str | None = None
     usage: dict[str, int] = attrs.Factory(dict)
     line: str | None = None  # a manager-side ending: exactly the line the chat gets
+    diff_bytes: int = 0  # the turn changed files; its proxy keeps the diff
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), separators=(",", ":"))
@@ -140,6 +202,7 @@ class Outcome:
             thread_id=data.get("thread_id"),
             usage={str(k): int(v) for k, v in (data.get("usage") or {}).items()},
             line=data.get("line"),
+            diff_bytes=int(data.get("diff_bytes") or 0),
         )
 
 
@@ -171,10 +234,19 @@ class TaskRecord:
     # id of the last part sent: after a restart, the part whose fate is unknown
     # is looked for after it before it is sent again.
     delivery_anchor: int | None = None
+    # The workspace: what it was dispatched with (so a re-send is the same task),
+    # its files, the album it collects, its Diff button.
+    model: str | None = None
+    effort: str | None = None
+    cwd: str | None = None
+    media_group: str | None = None
+    files: list[Attachment] = attrs.Factory(list)
+    diff_key: str | None = None
     # Runtime only (rebuilt from events after a restart):
     text: str = ""
     step: str = ""
     last_seq: int = 0
+    album_until: float = 0.0  # trio time: an album's next photo may still come until then
     persisted: trio.Event = attrs.Factory(trio.Event)
     changed: trio.Event = attrs.Factory(trio.Event)
 
@@ -228,6 +300,7 @@ class ManagerStore:
         # Updates that became tasks: one redelivered after a crash is not run twice.
         self.updates: set[int] = set()
         self.approvals: dict[str, ApprovalRecord] = {}  # by key; open or not yet acked
+        self.diffs: dict[str, DiffRef] = {}  # Diff button key → the diff (tasks kept 7 days)
         self._seq = 0
 
     # ------------------------------------------------------------------ start-up
@@ -242,6 +315,10 @@ class ManagerStore:
         def prune(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM tasks WHERE state = 'done' AND done < ?", (cutoff,))
             c.execute(
+                "DELETE FROM attachments WHERE task_id NOT IN"
+                " (SELECT task_id FROM tasks WHERE state != 'done')"
+            )
+            c.execute(
                 "DELETE FROM approvals WHERE state = 'closed' AND asked < ?"
                 " AND (decision IS NULL OR decision_acked = 1)",
                 (cutoff,),
@@ -253,14 +330,25 @@ class ManagerStore:
     def _load(self, conn: sqlite3.Connection) -> None:
         row = conn.execute("SELECT value FROM meta WHERE key = 'offset'").fetchone()
         self.offset = int(row[0]) if row else None
-        for chat_id, topic, proxy, reset in conn.execute(
-            "SELECT chat_id, topic, proxy, reset FROM conversations"
+        for chat_id, topic, proxy, reset, model, effort in conn.execute(
+            "SELECT chat_id, topic, proxy, reset, model, effort FROM conversations"
         ):
-            self.conversations[(chat_id, topic)] = Conversation(proxy, {}, bool(reset))
+            self.conversations[(chat_id, topic)] = Conversation(
+                proxy, {}, bool(reset), model, effort
+            )
         for chat_id, topic, proxy_id, thread_id in conn.execute(
             "SELECT chat_id, topic, proxy_id, thread_id FROM threads"
         ):
             self.conversation((chat_id, topic)).threads[proxy_id] = thread_id
+        for chat_id, topic, proxy_id, cwd in conn.execute(
+            "SELECT chat_id, topic, proxy_id, cwd FROM workdirs"
+        ):
+            self.conversation((chat_id, topic)).workdirs[proxy_id] = cwd
+        for key, task_id, proxy_id, chat_id, topic in conn.execute(
+            "SELECT diff_key, task_id, proxy_id, chat_id, topic FROM tasks"
+            " WHERE diff_key IS NOT NULL AND proxy_id IS NOT NULL"
+        ):
+            self.diffs[key] = DiffRef(task_id, proxy_id, chat_id, topic)
         self._seq = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()[0])
         for task_id, update_id in conn.execute(
             "SELECT task_id, update_id FROM tasks WHERE state = 'done'"
@@ -271,7 +359,8 @@ class ManagerStore:
         for row in conn.execute(
             "SELECT task_id, seq, chat_id, topic, prompt, created, state, proxy_id, thread_id,"
             " timeout_s, dispatched, acked, cancel, outcome, finished, parts_sent,"
-            " view_message_id, view_key, update_id, message_id, delivery_anchor"
+            " view_message_id, view_key, update_id, message_id, delivery_anchor,"
+            " model, effort, cwd, media_group, diff_key"
             " FROM tasks WHERE state != 'done' ORDER BY seq"
         ):
             task = TaskRecord(
@@ -296,11 +385,25 @@ class ManagerStore:
                 update_id=row[18],
                 message_id=row[19],
                 delivery_anchor=row[20],
+                model=row[21],
+                effort=row[22],
+                cwd=row[23],
+                media_group=row[24],
+                diff_key=row[25],
             )
             if task.update_id is not None:
                 self.updates.add(task.update_id)
             task.persisted.set()
             self._remember(task)
+        for row in conn.execute(
+            "SELECT task_id, idx, kind, file_id, name, size, update_id, sha256 FROM attachments"
+            " ORDER BY task_id, idx"
+        ):
+            owner = self.tasks.get(row[0])
+            if owner is not None:
+                owner.files.append(Attachment(*row))
+            if row[6] is not None:
+                self.updates.add(row[6])
         for row in conn.execute(
             "SELECT task_id, approval_id, key, chat_id, topic, kind, summary, detail, asked,"
             " message_id, state, decision, outcome, decision_acked FROM approvals"
@@ -416,9 +519,9 @@ class ManagerStore:
     # ------------------------------------------------------------------ conversations
 
     async def save_conversation(self, key: ConversationKey) -> None:
-        conv = self.conversation(key)
-        proxy, reset, threads = conv.proxy, conv.reset, dict(conv.threads)
-        await self.db.write(lambda c: _write_conversation(c, key, proxy, reset, threads))
+        conv = attrs.evolve(self.conversation(key))  # a copy: the write runs later
+        conv.threads, conv.workdirs = dict(conv.threads), dict(conv.workdirs)
+        await self.db.write(lambda c: _write_conversation(c, key, conv))
 
     # ------------------------------------------------------------------ tasks
 
@@ -432,6 +535,8 @@ class ManagerStore:
         timeout_s: float,
         update_id: int | None = None,
         message_id: int | None = None,
+        files: list[Attachment] | None = None,
+        media_group: str | None = None,
     ) -> TaskRecord:
         """A new prompt; `add_task` makes it durable."""
         self._seq += 1
@@ -439,6 +544,10 @@ class ManagerStore:
         task.timeout_s = timeout_s
         task.update_id = update_id
         task.message_id = message_id
+        task.media_group = media_group
+        for index, attachment in enumerate(files or []):
+            attachment.task_id, attachment.index = task_id, index
+            task.files.append(attachment)
         self._remember(task)
         if update_id is not None:
             self.updates.add(update_id)
@@ -448,6 +557,13 @@ class ManagerStore:
         """Dispatch a task not yet stored: `add_task` then writes it as sent."""
         task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
         task.dispatched = time.time()
+        self._settle(task, proxy_id)
+
+    def _settle(self, task: TaskRecord, proxy_id: str) -> None:
+        """What the task runs with: its conversation's choices at dispatch (kept, so a
+        re-sent task frame is the same task)."""
+        conv = self.conversation(task.conversation)
+        task.model, task.effort, task.cwd = conv.model, conv.effort, conv.workdirs.get(proxy_id)
 
     async def add_task(self, task: TaskRecord) -> None:
         values = (
@@ -464,15 +580,22 @@ class ManagerStore:
             task.proxy_id,
             task.thread_id,
             task.dispatched,
+            task.model,
+            task.effort,
+            task.cwd,
+            task.media_group,
         )
+        files = [_attachment_row(a) for a in task.files]
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
                 "INSERT INTO tasks (task_id, seq, chat_id, topic, prompt, created, state,"
-                " timeout_s, update_id, message_id, proxy_id, thread_id, dispatched)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " timeout_s, update_id, message_id, proxy_id, thread_id, dispatched,"
+                " model, effort, cwd, media_group)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
+            c.executemany(_INSERT_ATTACHMENT, files)
 
         try:
             # Not `durable`: the bot syncs once per batch of updates, before the
@@ -490,11 +613,56 @@ class ManagerStore:
         """Committed before the task frame is sent: the task belongs to `proxy_id` from now on."""
         task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
         task.dispatched = time.time()
-        values = (proxy_id, thread_id, task.dispatched, task.task_id)
+        self._settle(task, proxy_id)
+        values = (
+            proxy_id,
+            thread_id,
+            task.dispatched,
+            task.model,
+            task.effort,
+            task.cwd,
+            task.task_id,
+        )
         await self.db.write(
             lambda c: c.execute(
-                "UPDATE tasks SET state = 'sent', proxy_id = ?, thread_id = ?, dispatched = ?"
-                " WHERE task_id = ?",
+                "UPDATE tasks SET state = 'sent', proxy_id = ?, thread_id = ?, dispatched = ?,"
+                " model = ?, effort = ?, cwd = ? WHERE task_id = ?",
+                values,
+            )
+        )
+
+    async def add_attachment(
+        self, task: TaskRecord, attachment: Attachment, caption: str | None = None
+    ) -> None:
+        """One more photo of an album the (still queued) task collects; its caption, if
+        the task had none."""
+        attachment.task_id, attachment.index = task.task_id, len(task.files)
+        task.files.append(attachment)
+        if attachment.update_id is not None:
+            self.updates.add(attachment.update_id)
+        if caption and not task.prompt:
+            task.prompt = caption
+        row, prompt, task_id = _attachment_row(attachment), task.prompt, task.task_id
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(_INSERT_ATTACHMENT, row)
+            c.execute("UPDATE tasks SET prompt = ? WHERE task_id = ?", (prompt, task_id))
+
+        try:
+            await self.db.write(fn)
+        except BaseException:
+            task.files.remove(attachment)
+            if attachment.update_id is not None:
+                self.updates.discard(attachment.update_id)
+            raise
+
+    async def attachment_stored(self, attachment: Attachment, size: int, sha256: str) -> None:
+        """The file's bytes are on the manager's disk."""
+        attachment.size, attachment.sha256 = size, sha256
+        values = (size, sha256, attachment.task_id, attachment.index)
+        await self.db.write(
+            lambda c: c.execute(
+                "UPDATE attachments SET size = ?, sha256 = ? WHERE task_id = ? AND idx = ?",
                 values,
             )
         )
@@ -539,16 +707,23 @@ class ManagerStore:
             conv.threads[task.proxy_id] = outcome.thread_id
             conv.reset = False
             conv.proxy = task.proxy_id  # sticky: the conversation lives on this machine now
-        proxy, reset, threads = conv.proxy, conv.reset, dict(conv.threads)
-        values = (outcome.to_json(), task.finished, task.task_id)
+        copy = attrs.evolve(conv)
+        copy.threads, copy.workdirs = dict(conv.threads), dict(conv.workdirs)
+        if outcome.diff_bytes and task.proxy_id:
+            task.diff_key = secrets.token_urlsafe(9)  # unguessable: it sends a diff
+            self.diffs[task.diff_key] = DiffRef(
+                task.task_id, task.proxy_id, task.chat_id, task.topic
+            )
+        values = (outcome.to_json(), task.finished, task.diff_key, task.task_id)
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
-                "UPDATE tasks SET state = 'finished', outcome = ?, finished = ? WHERE task_id = ?",
+                "UPDATE tasks SET state = 'finished', outcome = ?, finished = ?, diff_key = ?"
+                " WHERE task_id = ?",
                 values,
             )
             if outcome.thread_id:
-                _write_conversation(c, key, proxy, reset, threads)
+                _write_conversation(c, key, copy)
 
         await self.db.write(fn)
 
@@ -576,13 +751,16 @@ class ManagerStore:
         self._forget(task)
         self.done.add(task.task_id)
         values = (time.time(), task.parts_sent, task.task_id)
-        await self.db.write(
-            lambda c: c.execute(
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
                 "UPDATE tasks SET state = 'done', done = ?, parts_sent = ?, prompt = '',"
                 " outcome = NULL WHERE task_id = ?",
                 values,
             )
-        )
+            c.execute("DELETE FROM attachments WHERE task_id = ?", (values[-1],))
+
+        await self.db.write(fn)
 
     def save_view(self, task: TaskRecord) -> None:
         values = (task.view_message_id, task.view_key, task.task_id)
@@ -635,27 +813,36 @@ class ManagerStore:
         return [a for a in self.approvals.values() if a.task_id == task_id]
 
 
+_INSERT_ATTACHMENT: Final = (
+    "INSERT OR REPLACE INTO attachments (task_id, idx, kind, file_id, name, size, update_id,"
+    " sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _attachment_row(a: Attachment) -> tuple[object, ...]:
+    return (a.task_id, a.index, a.kind, a.file_id, a.name, a.size, a.update_id, a.sha256)
+
+
 def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
-def _write_conversation(
-    conn: sqlite3.Connection,
-    key: ConversationKey,
-    proxy: str | None,
-    reset: bool,
-    threads: dict[str, str],
-) -> None:
+def _write_conversation(conn: sqlite3.Connection, key: ConversationKey, conv: Conversation) -> None:
     chat_id, topic = key
     conn.execute(
-        "INSERT OR REPLACE INTO conversations (chat_id, topic, proxy, reset, updated)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (chat_id, topic, proxy, int(reset), time.time()),
+        "INSERT OR REPLACE INTO conversations (chat_id, topic, proxy, reset, updated, model,"
+        " effort) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (chat_id, topic, conv.proxy, int(conv.reset), time.time(), conv.model, conv.effort),
     )
     conn.execute("DELETE FROM threads WHERE chat_id = ? AND topic = ?", (chat_id, topic))
     conn.executemany(
         "INSERT INTO threads (chat_id, topic, proxy_id, thread_id) VALUES (?, ?, ?, ?)",
-        [(chat_id, topic, p, t) for p, t in threads.items()],
+        [(chat_id, topic, p, t) for p, t in conv.threads.items()],
+    )
+    conn.execute("DELETE FROM workdirs WHERE chat_id = ? AND topic = ?", (chat_id, topic))
+    conn.executemany(
+        "INSERT INTO workdirs (chat_id, topic, proxy_id, cwd) VALUES (?, ?, ?, ?)",
+        [(chat_id, topic, p, cwd) for p, cwd in conv.workdirs.items()],
     )
 
 

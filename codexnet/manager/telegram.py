@@ -26,9 +26,11 @@ messages here; httpx's own loggers are kept at WARNING by `codexnet.logs`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Any, Final, Literal
+from pathlib import Path
+from typing import Any, BinaryIO, Final, Literal
 
 import httpx
 import trio
@@ -42,6 +44,9 @@ _throttled = Throttle()
 
 RETRY_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 MAX_ATTEMPTS: Final = 6
+
+# multipart uploads: field → (file name, bytes or a file on disk, MIME type)
+UploadFiles = dict[str, tuple[str, bytes | Path, str]]
 
 # reply_markup that removes a message's inline buttons.
 NO_KEYBOARD: Final[dict[str, Any]] = {"inline_keyboard": []}
@@ -125,6 +130,7 @@ class TelegramClient:
     def __init__(self, http: httpx.AsyncClient, api_base: str, token: str) -> None:
         self._http = http
         self._base = f"{api_base.rstrip('/')}/bot{token}"
+        self._files = f"{api_base.rstrip('/')}/file/bot{token}"
         self.stats: dict[str, int] = {
             "requests": 0,
             "retry_after": 0,
@@ -136,6 +142,10 @@ class TelegramClient:
     def __repr__(self) -> str:
         return "TelegramClient(<token hidden>)"
 
+    def file_url(self, file_path: str) -> str:
+        """Where getFile's `file_path` is downloaded (it holds the token: never log it)."""
+        return f"{self._files}/{file_path}"
+
     async def wait_success(self) -> None:
         """Return at the next request that Telegram answers (it is reachable again)."""
         await self._success.wait()
@@ -145,10 +155,14 @@ class TelegramClient:
         method: str,
         params: dict[str, Any] | None = None,
         *,
-        files: dict[str, tuple[str, bytes, str]] | None = None,
+        files: UploadFiles | None = None,
         read_timeout: float = 30.0,
     ) -> Any:
-        """One attempt at `method`; its `result`, or a classified `TelegramError`."""
+        """One attempt at `method`; its `result`, or a classified `TelegramError`.
+
+        A file given as a `Path` is streamed from disk (opened anew for each
+        attempt), so a 50 MB document never sits in memory.
+        """
         params = {k: v for k, v in (params or {}).items() if v is not None}
         self.stats["requests"] += 1
         try:
@@ -229,7 +243,7 @@ class TelegramClient:
         self,
         method: str,
         params: dict[str, Any],
-        files: dict[str, tuple[str, bytes, str]] | None,
+        files: UploadFiles | None,
         read_timeout: float,
     ) -> tuple[int, dict[str, Any]]:
         timeout = httpx.Timeout(10.0, read=read_timeout)
@@ -237,7 +251,16 @@ class TelegramClient:
         if files:
             # Multipart: nested values (reply_markup, entities) travel as JSON strings.
             form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
-            response = await self._http.post(url, data=form, files=files, timeout=timeout)
+            with contextlib.ExitStack() as opened:
+                upload: dict[str, tuple[str, bytes | BinaryIO, str]] = {}
+                for field, (name, data, mime) in files.items():
+                    if isinstance(data, Path):
+                        handle = await trio.to_thread.run_sync(data.open, "rb")
+                        opened.callback(handle.close)
+                        upload[field] = (name, handle, mime)
+                    else:
+                        upload[field] = (name, data, mime)
+                response = await self._http.post(url, data=form, files=upload, timeout=timeout)
         else:
             response = await self._http.post(url, json=params, timeout=timeout)
         try:

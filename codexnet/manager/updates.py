@@ -99,6 +99,12 @@ def _str(value: object, where: str) -> str:
     return safe_text(value)
 
 
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _wrong(value, where, "a boolean")
+    return value
+
+
 def _optional(raw: dict[str, Any], key: str, where: str, check: Any) -> dict[str, Any]:
     """{key: checked value} if `raw` has it (and it is not null), else {}."""
     if raw.get(key) is None:
@@ -121,12 +127,46 @@ def _chat(value: object, where: str) -> dict[str, Any]:
     return chat
 
 
+def _document(value: object, where: str) -> dict[str, Any]:
+    raw = _object(value, where)
+    document = {"file_id": _str(raw.get("file_id"), f"{where}.file_id")}
+    document |= _optional(raw, "file_name", where, _str)
+    document |= _optional(raw, "file_size", where, _int)
+    document |= _optional(raw, "mime_type", where, _str)
+    return document
+
+
+def _photo(value: object, where: str) -> list[dict[str, Any]]:
+    """The sizes of a photo (PhotoSize objects), each checked."""
+    if not isinstance(value, list):
+        raise _wrong(value, where, "a list")
+    sizes = []
+    for index, item in enumerate(value):
+        at = f"{where}[{index}]"
+        raw = _object(item, at)
+        size = {"file_id": _str(raw.get("file_id"), f"{at}.file_id")}
+        for key in ("width", "height", "file_size"):
+            size |= _optional(raw, key, at, _int)
+        sizes.append(size)
+    return sizes
+
+
 def _message(value: object, where: str) -> dict[str, Any]:
     raw = _object(value, where)
     message = {"chat": _chat(raw.get("chat"), f"{where}.chat")}
     message |= _optional(raw, "message_id", where, _int)
     message |= _optional(raw, "from", where, _user)
     message |= _optional(raw, "text", where, _str)
+    # Forum topics: the topic a message is in (with is_topic_message; without
+    # it a message_thread_id is a reply thread, not a topic).
+    message |= _optional(raw, "message_thread_id", where, _int)
+    message |= _optional(raw, "is_topic_message", where, _bool)
+    # Files: a document or a photo, its caption the prompt; an album's parts
+    # share a media_group_id.
+    message |= _optional(raw, "document", where, _document)
+    message |= _optional(raw, "photo", where, _photo)
+    message |= _optional(raw, "caption", where, _str)
+    message |= _optional(raw, "media_group_id", where, _str)
     return message
 
 

@@ -10,7 +10,13 @@ interrupted), then SIGTERMs and SIGKILLs the whole group, each step bounded.
 thread, `thread/resume` for a known one this child has not loaded (yet, or
 any more), then `turn/start`, and waits for `turn/completed`. Turns on one
 thread are serialised: `turn/start` on a busy thread would silently steer the
-running turn.
+running turn. Each turn names its working directory, and its model and
+reasoning effort when the conversation chose them (`TurnSettings`):
+`turn/start` overrides stick to the thread, so they are sent with every turn,
+not once.
+
+`AppServer.call` is one request for the workspace's queries (`model/list`,
+`thread/list`, `thread/read`).
 
 Idle threads are unloaded: every loaded thread costs the child about a
 megabyte, and a proxy that serves many chats would otherwise keep every
@@ -55,6 +61,7 @@ KILL_GRACE_S: Final = 3.0
 RESTART_BACKOFF_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
 READY_WAIT_S: Final = 30.0
 INTERRUPT_WAIT_S: Final = 10.0
+CALL_TIMEOUT_S: Final = 20.0
 
 
 class AppServerUnavailable(Exception):
@@ -82,6 +89,7 @@ class Turn:
     # Set by turn/started, which follows the turn/start response: an interrupt
     # sent before it is answered "no active turn to interrupt" and lost.
     started: trio.Event = attrs.Factory(trio.Event)
+    diff: str = ""  # the turn's whole diff so far (turn/diff/updated)
 
     @property
     def text(self) -> str:
@@ -103,6 +111,17 @@ class TurnOutcome:
     error: str | None
     usage: dict[str, int]
     notice: str | None = None  # e.g. the old thread was gone and a new one was started
+    diff: str = ""  # what the turn changed, as a unified diff ("" if nothing)
+
+
+@attrs.frozen
+class TurnSettings:
+    """Where and with what a turn runs (None: what the thread or codex already uses)."""
+
+    cwd: str  # absolute, already checked against allowed_roots
+    model: str | None = None
+    effort: str | None = None
+    images: tuple[str, ...] = ()  # absolute paths given to the model as image inputs
 
 
 @attrs.define(eq=False)
@@ -330,6 +349,10 @@ class AppServer:
                 turn.step = f"model error, retrying: {message}"
             elif message:
                 turn.error = str(message)
+        elif method == "turn/diff/updated":
+            if turn.turn_id is None or params.get("turnId") in (None, turn.turn_id):
+                turn.diff = str(params.get("diff") or "")
+            return
         elif method == "thread/tokenUsage/updated":
             usage = params.get("tokenUsage", {}).get("last", {})
             turn.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
@@ -382,6 +405,17 @@ class AppServer:
             raise AppServerUnavailable(self._last_error)
         return self._child
 
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """One request to the app-server (raises `AppServerUnavailable`, `RpcError`)."""
+        child = await self._ready_child()
+        try:
+            with trio.fail_after(CALL_TIMEOUT_S):
+                return await child.peer.request(method, params)
+        except PeerClosed:
+            raise AppServerUnavailable("the Codex app-server crashed") from None
+        except trio.TooSlowError:
+            raise AppServerUnavailable(f"the Codex app-server did not answer {method}") from None
+
     async def run_turn(
         self,
         thread_id: str | None,
@@ -391,15 +425,18 @@ class AppServer:
         on_approval: ApprovalHandler,
         on_turn: Callable[[Turn], None],
         cancel: trio.Event,
+        settings: TurnSettings | None = None,
     ) -> TurnOutcome:
         """Run `prompt` as one turn; the caller owns the timeout (cancel → interrupt).
 
         `on_turn` receives the live `Turn` as soon as it exists; `on_change` is
         called after each update. Setting `cancel` interrupts the turn.
         """
+        if settings is None:
+            settings = TurnSettings(cwd=str(self._config.codex_cwd))
         child = await self._ready_child()
         if thread_id is None:
-            thread_id = await self._load_thread(child, None)
+            thread_id = await self._load_thread(child, None, settings)
         # Loading happens under the thread's lock, so it cannot interleave with
         # an unload of the same thread (or a second load).
         lock = self._thread_locks.setdefault(thread_id, trio.Lock())
@@ -407,7 +444,7 @@ class AppServer:
             notice = None
             if thread_id not in child.loaded_threads:
                 wanted = thread_id
-                thread_id = await self._load_thread(child, thread_id)
+                thread_id = await self._load_thread(child, thread_id, settings)
                 if thread_id != wanted:
                     notice = (
                         "The previous Codex conversation could not be resumed; started a new one."
@@ -415,12 +452,22 @@ class AppServer:
             child.idle_since.pop(thread_id, None)  # in use: not to be unloaded
             try:
                 return await self._turn(
-                    child, thread_id, prompt, notice, on_change, on_approval, on_turn, cancel
+                    child,
+                    thread_id,
+                    prompt,
+                    settings,
+                    notice,
+                    on_change,
+                    on_approval,
+                    on_turn,
+                    cancel,
                 )
             finally:
                 child.set_idle(thread_id)
 
-    async def _load_thread(self, child: _Child, thread_id: str | None) -> str:
+    async def _load_thread(
+        self, child: _Child, thread_id: str | None, settings: TurnSettings
+    ) -> str:
         """Start a new thread (None) or resume `thread_id`; the id of the loaded one.
 
         A thread that cannot be resumed is replaced by a new one (the caller
@@ -428,13 +475,13 @@ class AppServer:
         """
         try:
             if thread_id is None:
-                return await self._start_thread(child)
+                return await self._start_thread(child, settings)
             try:
-                await self._resume_thread(child, thread_id)
+                await self._resume_thread(child, thread_id, settings)
                 return thread_id
             except RpcError as exc:
                 log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
-                return await self._start_thread(child)
+                return await self._start_thread(child, settings)
         except PeerClosed:
             raise AppServerUnavailable("the Codex app-server crashed") from None
         except RpcError as exc:
@@ -445,6 +492,7 @@ class AppServer:
         child: _Child,
         thread_id: str,
         prompt: str,
+        settings: TurnSettings,
         notice: str | None,
         on_change: Callable[[], None],
         on_approval: ApprovalHandler,
@@ -460,8 +508,7 @@ class AppServer:
             return TurnOutcome("interrupted", "", thread_id, None, {}, notice)
         try:
             result = await child.peer.request(
-                "turn/start",
-                {"threadId": thread_id, "input": [{"type": "text", "text": prompt}]},
+                "turn/start", self._turn_params(thread_id, prompt, settings)
             )
             turn.turn_id = (result or {}).get("turn", {}).get("id")
             async with trio.open_nursery() as nursery:
@@ -484,7 +531,19 @@ class AppServer:
             error=turn.error,
             usage=turn.usage,
             notice=notice,
+            diff=turn.diff,
         )
+
+    @staticmethod
+    def _turn_params(thread_id: str, prompt: str, settings: TurnSettings) -> dict[str, Any]:
+        items: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
+        items += [{"type": "localImage", "path": path} for path in settings.images]
+        params: dict[str, Any] = {"threadId": thread_id, "input": items, "cwd": settings.cwd}
+        if settings.model:
+            params["model"] = settings.model
+        if settings.effort:
+            params["effort"] = settings.effort
+        return params
 
     async def _interrupt_on(self, cancel: trio.Event, child: _Child, turn: Turn) -> None:
         await cancel.wait()
@@ -504,22 +563,26 @@ class AppServer:
         except PeerClosed:
             pass
 
-    def _thread_params(self) -> dict[str, Any]:
-        return {
-            "cwd": str(self._config.codex_cwd),
+    def _thread_params(self, settings: TurnSettings) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "cwd": settings.cwd,
             "approvalPolicy": self._config.approval_policy,
             "sandbox": self._config.sandbox,
         }
+        if settings.model:
+            params["model"] = settings.model
+        return params
 
-    async def _start_thread(self, child: _Child) -> str:
-        result = await child.peer.request("thread/start", self._thread_params())
+    async def _start_thread(self, child: _Child, settings: TurnSettings) -> str:
+        result = await child.peer.request("thread/start", self._thread_params(settings))
         thread_id = str(result["thread"]["id"])
         child.loaded_threads.add(thread_id)
         return thread_id
 
-    async def _resume_thread(self, child: _Child, thread_id: str) -> None:
+    async def _resume_thread(self, child: _Child, thread_id: str, settings: TurnSettings) -> None:
         await child.peer.request(
-            "thread/resume", {"threadId": thread_id, "excludeTurns": True, **self._thread_params()}
+            "thread/resume",
+            {"threadId": thread_id, "excludeTurns": True, **self._thread_params(settings)},
         )
         child.loaded_threads.add(thread_id)
 

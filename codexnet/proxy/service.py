@@ -7,8 +7,14 @@ Task tree (every task lives in a nursery and nothing outlives its parent):
     ├── AppServer.serve            the supervised codex child
     ├── _connect_loop              connect → hello → serve frames → reconnect with backoff
     │   └── per connection: _heartbeat (ping; a silent link is dropped) + the reader
-    └── _run_task (one per task)   lives across reconnects, so a dropped socket
-        └── _forward               does not kill a running turn
+    ├── _run_task (one per task)   lives across reconnects, so a dropped socket
+    │   └── _forward               does not kill a running turn
+    └── queries and reads          answered in the background (`queries.py`)
+
+A task with files fetches them first (`incoming.py`: pulled chunk by chunk
+into `state_dir/incoming/`, resumed after a reconnect or a restart), then
+takes its slot, is marked started, and places them into its working directory
+(`workspace.py`) before the turn starts.
 
 Delivery (docs/ARCHITECTURE.md): a task is stored before its `task_ack`, and
 marked started before its turn starts, so it never runs twice on the model,
@@ -25,7 +31,9 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Final
 
 import attrs
@@ -51,10 +59,13 @@ from codexnet.protocol import (
     ApprovalRequest,
     CancelAck,
     DecisionAck,
+    FilePart,
     Hello,
     Load,
     ProtocolError,
     ProxyFrame,
+    Query,
+    ReadFile,
     ResultAck,
     Task,
     TaskAck,
@@ -67,9 +78,12 @@ from codexnet.protocol import (
     encode,
     usable_usage,
 )
-from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn
+from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn, TurnSettings
+from codexnet.proxy.incoming import FetchFailed, Incoming, files_notice, prompt_with_files
+from codexnet.proxy.queries import answer_query, answer_read
 from codexnet.proxy.server_requests import Approval
 from codexnet.proxy.store import ProxyStore, StoredTask
+from codexnet.proxy.workspace import Workspace, WorkspaceError, safe_file_name
 from codexnet.ratelog import Throttle
 from codexnet.resource_errors import resource_problem
 from codexnet.statelock import hold_state_lock
@@ -110,6 +124,7 @@ class _Running:
     sent_text: str = ""
     sent_step: str = ""
     approvals: dict[str, tuple[ApprovalRequest, trio.Event, list[str]]] = attrs.Factory(dict)
+    staged: list[Path] = attrs.Factory(list)  # its files, fetched (incoming/)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -129,6 +144,8 @@ class ProxyService:
         self._config = config
         self._app = app
         self._store = store if store is not None else ProxyStore(config.state_dir)
+        self._workspace = Workspace(config.codex_cwd, config.roots, config.state_dir)
+        self._incoming = Incoming(self._workspace, self._send)
         self._ws: WebSocketConnection | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._running: dict[str, _Running] = {}
@@ -164,8 +181,11 @@ class ProxyService:
         for stored in recovered:
             if stored.result is not None:
                 self._outbox[stored.task.task_id] = stored.result
+                self._workspace.discard_staging(stored.task.task_id)
             else:  # accepted, never started: the model has not seen it, run it now
                 self._start_runner(stored.task, stored.accepted, tasks)
+        # Diffs are kept as long as their task is remembered (the tombstones' days).
+        self._workspace.prune_diffs(self._store.tombstones | set(self._outbox))
         if recovered:
             log.info(
                 "state: %d task(s) to run, %d result(s) to send from before the restart",
@@ -305,6 +325,21 @@ class ProxyService:
                 self._store.acked(frame.task_id)
             else:
                 log.debug("result_ack for a result not held here: %s", frame.task_id)
+        elif isinstance(frame, FilePart):
+            await self._incoming.on_part(frame)
+        elif isinstance(frame, Query):
+            tasks.start_soon(self._answer, partial(answer_query, frame, self._app, self._workspace))
+        elif isinstance(frame, ReadFile):
+            tasks.start_soon(self._answer, partial(answer_read, frame, self._workspace))
+
+    async def _answer(self, ask: Callable[[], Awaitable[ProxyFrame]]) -> None:
+        """A query or read, answered in the background (the reader goes on meanwhile)."""
+        try:
+            answer = await ask()
+        except Exception:  # error boundary: a bug here never ends the proxy
+            log.exception("answering the manager failed")
+            return
+        await self._send(answer)
 
     def _hello(self) -> Hello:
         return Hello(
@@ -318,12 +353,14 @@ class ProxyService:
             ],
             running=list(self._running),
             finished=list(self._outbox),
+            workdir=str(self._config.codex_cwd),
         )
 
     async def _replay(self) -> None:
         """After a (re)connect: resend unacknowledged results and the live state."""
         for result in list(self._outbox.values()):
             await self._send(result)
+        self._incoming.resume()
         for running in list(self._running.values()):
             running.sent_text = ""
             running.sent_step = ""
@@ -370,7 +407,8 @@ class ProxyService:
         # A free slot is taken now, and the task stored as started along with
         # being accepted: one write that survives a power cut, not two, before
         # the turn starts.
-        start_now = self._busy < self._config.capacity and not self._waiting
+        # (A task with files fetches them before it takes a slot.)
+        start_now = self._busy < self._config.capacity and not self._waiting and not task.files
         if start_now:
             self._busy += 1
         # Stored before it is acknowledged: once the manager hears task_ack it
@@ -416,6 +454,8 @@ class ProxyService:
             await self._store.finish(result)
         except StateError as exc:
             log.error("%s; the result of task %s is kept in memory only", exc, task.task_id)
+        if task.files:
+            await trio.to_thread.run_sync(self._workspace.discard_staging, task.task_id)
         self._outbox[task.task_id] = result
         del self._running[task.task_id]
         log.info(
@@ -430,6 +470,10 @@ class ProxyService:
     async def _run_within_capacity(self, running: _Running) -> TaskResult:
         task = running.task
         with trio.move_on_at(running.deadline) as deadline:
+            if task.files:
+                failed = await self._fetch_files(running)
+                if failed is not None:
+                    return failed
             if not running.slot.is_set() and self._busy >= self._config.capacity:
                 step = f"queued: all {self._config.capacity} slots of this machine are busy"
                 await self._send(TaskEvent(task.task_id, running.next_seq(), "progress", step))
@@ -462,6 +506,21 @@ class ProxyService:
             thread_id=turn.thread_id if turn else task.thread_id,
             error=f"no answer within {task.timeout_s:.0f} s",
         )
+
+    async def _fetch_files(self, running: _Running) -> TaskResult | None:
+        """Fetch the task's files from the manager; a result if that ends the task."""
+        task = running.task
+        total = sum(ref.size for ref in task.files)
+        step = f"receiving {len(task.files)} file(s), {total / 1e6:.1f} MB"
+        await self._send(TaskEvent(task.task_id, running.next_seq(), "progress", step))
+        try:
+            staged = await self._incoming.fetch(task, running.cancel)
+        except FetchFailed as exc:
+            return TaskResult(task.task_id, "failed", error=str(exc), thread_id=task.thread_id)
+        if staged is None:
+            return TaskResult(task.task_id, "interrupted", thread_id=task.thread_id)
+        running.staged = staged
+        return None
 
     def _grant(self) -> None:
         """Give free slots to the longest-waiting tasks."""
@@ -499,6 +558,30 @@ class ProxyService:
         else:
             self._waiting.remove(running)
 
+    async def _prepare(self, running: _Running) -> tuple[str, TurnSettings, str | None]:
+        """The turn's working directory, its files in place, and its prompt.
+
+        Raises `WorkspaceError` (nothing is run): a directory no longer inside
+        allowed_roots, a telegram-files/ leading out of them.
+        """
+        task = running.task
+        cwd = await trio.to_thread.run_sync(self._workspace.working_dir, task.cwd)
+        placed = []
+        for ref, staged in zip(task.files, running.staged, strict=True):
+            fallback = "photo.jpg" if ref.kind == "photo" else "file"
+            safe = safe_file_name(ref.name, fallback)
+            path = await trio.to_thread.run_sync(self._workspace.place, staged, cwd, safe.name)
+            placed.append((ref, path, safe.changed))
+        settings = TurnSettings(
+            cwd=str(cwd),
+            model=task.model or self._config.model,
+            effort=task.effort or self._config.effort,
+            images=tuple(str(path) for ref, path, _ in placed if ref.kind == "photo"),
+        )
+        if not placed:
+            return task.prompt, settings, None
+        return prompt_with_files(task.prompt, placed, cwd), settings, files_notice(placed, cwd)
+
     async def _execute(self, running: _Running) -> TaskResult:
         task = running.task
 
@@ -506,13 +589,21 @@ class ProxyService:
             running.turn = turn
 
         try:
+            prompt, settings, files_line = await self._prepare(running)
+        except (WorkspaceError, OSError) as exc:
+            error = str(exc) if isinstance(exc, WorkspaceError) else f"cannot place a file: {exc}"
+            return TaskResult(
+                task.task_id, "failed", error=f"{error}; nothing was run", thread_id=task.thread_id
+            )
+        try:
             outcome = await self._app.run_turn(
                 task.thread_id,
-                task.prompt,
+                prompt,
                 on_change=running.poke,
                 on_approval=partial(self._ask_approval, running),
                 on_turn=on_turn,
                 cancel=running.cancel,
+                settings=settings,
             )
         except AppServerUnavailable as exc:
             return TaskResult(task.task_id, "failed", error=str(exc), thread_id=task.thread_id)
@@ -525,8 +616,9 @@ class ProxyService:
         if status not in ("completed", "failed", "interrupted"):
             status = "failed"
         text = outcome.text
-        if outcome.notice:
-            text = f"{outcome.notice}\n\n{text}" if text else outcome.notice
+        for notice in (outcome.notice, files_line):
+            if notice:
+                text = f"{notice}\n\n{text}" if text else notice
         if ID_RE.fullmatch(outcome.thread_id) is None:
             # The manager refuses such a result, on every reconnect: fail it here instead.
             return TaskResult(
@@ -536,6 +628,14 @@ class ProxyService:
                 error=f"codex named its thread {outcome.thread_id[:40]!r}, not a usable id",
                 thread_id=task.thread_id,
             )
+        diff_bytes = 0
+        if outcome.diff.strip():
+            try:
+                diff_bytes = await trio.to_thread.run_sync(
+                    self._workspace.save_diff, task.task_id, outcome.diff
+                )
+            except OSError as exc:
+                log.warning("task %s: could not keep its diff: %s", task.task_id, exc)
         return TaskResult(
             task.task_id,
             status,  # type: ignore[arg-type]
@@ -543,6 +643,7 @@ class ProxyService:
             thread_id=outcome.thread_id,
             error=outcome.error,
             usage=usable_usage(outcome.usage),
+            diff_bytes=diff_bytes,
         )
 
     async def _forward(self, running: _Running) -> None:

@@ -168,7 +168,10 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
             )
             await stream.send_all(conn.send(h11.Data(data=response.body)) or b"")
         else:
-            headers.append((b"transfer-encoding", b"chunked"))
+            # A streamed body is chunked, unless the handler knows its length
+            # (a file download: a body cut short then shows as one).
+            if "content-length" not in response.headers:
+                headers.append((b"transfer-encoding", b"chunked"))
             await stream.send_all(
                 conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
             )

@@ -19,6 +19,9 @@ messages are ignored):
                        once the last input item is its ``function_call_output``:
                        ``Command output: <the Output: section, or the last line>``
                        (``(no output)`` when the Output: section is empty)
+``[[addfile:NAME]]``   an ``apply_patch`` (through the shell tool) adding file NAME with
+                       one line ``hello from the model``; the turn then has a diff;
+                       afterwards: ``Added NAME``
 ``[[http500]]``        HTTP 500 with a JSON error body
 ``[[http400]]``        HTTP 400 with a JSON error body
 ``[[failed]]``         ``response.failed`` (code ``server_error``)
@@ -80,7 +83,7 @@ _INJECTED_PREFIXES = (
 )
 
 _DIRECTIVE = re.compile(
-    r"\[\[(?P<name>reply|slow|long|markdown|shell|http500|http400|failed|truncate)"
+    r"\[\[(?P<name>reply|slow|long|markdown|shell|addfile|http500|http400|failed|truncate)"
     r"(?::(?P<arg>.*?))?\]\]",
     re.DOTALL,
 )
@@ -203,6 +206,37 @@ class RecordedRequest:
         return items[-1] if items and isinstance(items[-1], dict) else None
 
     @property
+    def last_user_content(self) -> list[dict[str, Any]]:
+        """The content items of the last real user message (text, input_image, …)."""
+        for item in reversed(self.input):
+            if _is_user_message(item):
+                content = item.get("content")
+                text = _content_text(content)
+                if not text.lstrip().startswith(_INJECTED_PREFIXES) and isinstance(content, list):
+                    return [c for c in content if isinstance(c, dict)]
+        return []
+
+    @property
+    def images(self) -> list[str]:
+        """The image_url of each image given with the last user message."""
+        return [
+            str(c.get("image_url", ""))
+            for c in self.last_user_content
+            if c.get("type") == "input_image"
+        ]
+
+    @property
+    def cwd(self) -> str | None:
+        """The working directory in the latest <environment_context> Codex sent."""
+        found = None
+        for item in self.input:
+            if _is_user_message(item):
+                match = re.search(r"<cwd>(.*?)</cwd>", _content_text(item.get("content")))
+                if match:
+                    found = match.group(1)
+        return found
+
+    @property
     def tool_names(self) -> list[str]:
         tools = self.body.get("tools")
         if not isinstance(tools, list):
@@ -307,6 +341,15 @@ class FakeResponsesAPI:
             if last is not None and last.get("type") == "function_call_output":
                 return TextReply(f"Command output: {_command_output(last.get('output'))}")
             return self._shell_call(request, arg)
+        if name == "addfile":
+            last = request.last_item
+            if last is not None and last.get("type") == "function_call_output":
+                return TextReply(f"Added {arg}")
+            patch = (
+                f"apply_patch <<'EOF'\n*** Begin Patch\n*** Add File: {arg}\n"
+                "+hello from the model\n*** End Patch\nEOF\n"
+            )
+            return self._shell_call(request, patch)
         if name == "http500":
             return HttpError(500, "mock internal server error")
         if name == "http400":

@@ -54,7 +54,7 @@ import math
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, unquote
 
@@ -72,7 +72,8 @@ MAX_TEXT_LENGTH = 4096  # code points, after parsing and trimming
 MAX_CAPTION_LENGTH = 1024
 MAX_RAW_TEXT_BYTES = 1 << 15
 MAX_CALLBACK_DATA_BYTES = 64
-MAX_DOCUMENT_BYTES = 50 * 1024 * 1024
+MAX_DOCUMENT_BYTES = 50 * 1024 * 1024  # sendDocument uploads
+MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024  # getFile ("bots can download files of up to 20 MB")
 LONG_POLL_MAX_TIMEOUT = 50
 
 ERR_UNAUTHORIZED = "Unauthorized"
@@ -106,6 +107,11 @@ ERR_MESSAGE_ID_MISSING = "Bad Request: message identifier is not specified"
 ERR_NO_DOCUMENT = "Bad Request: there is no document in the request"
 ERR_WRONG_ACTION = "Bad Request: wrong parameter action in request"
 ERR_BOT_BLOCKED = "Forbidden: bot was blocked by the user"
+ERR_THREAD_NOT_FOUND = "Bad Request: message thread not found"
+ERR_FILE_TOO_BIG = "Bad Request: file is too big"  # getFile over 20 MB (tdlib/telegram-bot-api#51)
+ERR_INVALID_FILE_ID = "Bad Request: invalid file_id"
+ERR_NOT_A_FORUM = "Bad Request: the chat is not a forum"
+ERR_ENTITY_TOO_LARGE = "Request Entity Too Large"
 ERR_CONFLICT_OTHER_POLL = (
     "Conflict: terminated by other getUpdates request;"
     " make sure that only one bot instance is running"
@@ -221,6 +227,8 @@ class Chat:
     type: str
     first_name: str | None = None
     title: str | None = None
+    is_forum: bool = False  # a supergroup with topics
+    topics: dict[int, str] = attrs.field(factory=dict)  # message_thread_id → name (open ones)
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "type": self.type}
@@ -228,7 +236,19 @@ class Chat:
             out["first_name"] = self.first_name or "Tester"
         else:
             out["title"] = self.title or f"Group {self.id}"
+        if self.is_forum:
+            out["is_forum"] = True
         return out
+
+
+@attrs.frozen
+class StoredFile:
+    """A file a user sent: what getFile describes and the download URL serves."""
+
+    file_id: str
+    file_unique_id: str
+    file_path: str
+    content: bytes
 
 
 @attrs.define
@@ -246,7 +266,10 @@ class StoredMessage:
     caption: str | None = None
     caption_entities: list[dict[str, Any]] | None = None
     document: Document | None = None
+    photo: list[dict[str, Any]] | None = None  # PhotoSize objects, smallest first
+    media_group_id: str | None = None
     message_thread_id: int | None = None
+    is_topic_message: bool = False
     edits: int = 0
     edit_date: int | None = None
     history: list[str] = attrs.field(factory=list)  # texts before each edit
@@ -265,6 +288,12 @@ class StoredMessage:
         }
         if self.message_thread_id is not None:
             out["message_thread_id"] = self.message_thread_id
+        if self.is_topic_message:
+            out["is_topic_message"] = True
+        if self.media_group_id is not None:
+            out["media_group_id"] = self.media_group_id
+        if self.photo is not None:
+            out["photo"] = self.photo
         if self.edit_date is not None:
             out["edit_date"] = self.edit_date
         if self.text is not None:
@@ -506,6 +535,8 @@ class FakeTelegram:
         self._down = False
         self._outage: _Fault | None = None  # fail_all
         self._in_flight: set[trio.CancelScope] = set()  # in-memory requests being handled
+        self._files: dict[str, StoredFile] = {}  # file_id → what users sent
+        self._download_faults: list[_Fault] = []
 
     # ----------------------------------------------------------------- serving
 
@@ -553,7 +584,12 @@ class FakeTelegram:
                     self._in_flight.discard(scope)
             if response is None:
                 raise disconnected
-            assert isinstance(response.body, bytes)
+            if not isinstance(response.body, bytes):  # a file download
+                return httpx.Response(
+                    response.status,
+                    headers=response.headers,
+                    stream=_MemoryStream(response.body, request),
+                )
             return httpx.Response(response.status, headers=response.headers, content=response.body)
 
         return httpx.MockTransport(handler)
@@ -648,13 +684,31 @@ class FakeTelegram:
         chat_type: str | None = None,
         first_name: str = "Tester",
         title: str | None = None,
+        is_forum: bool = False,
     ) -> Chat:
         chat = self._chats.get(chat_id)
         if chat is None:
-            kind = chat_type or ("private" if chat_id > 0 else "group")
-            chat = Chat(chat_id, kind, first_name=first_name, title=title)
+            default = "private" if chat_id > 0 else "group"
+            kind = chat_type or ("supergroup" if is_forum else default)
+            chat = Chat(chat_id, kind, first_name=first_name, title=title, is_forum=is_forum)
             self._chats[chat_id] = chat
         return chat
+
+    def create_topic(self, chat_id: int, name: str) -> int:
+        """A topic in forum `chat_id` (as a user creates it); its `message_thread_id`.
+
+        Like Telegram, the id is that of the topic's creation message in the chat.
+        """
+        chat = self._chats[chat_id]
+        if not chat.is_forum:
+            raise ValueError(f"chat {chat_id} is not a forum")
+        thread_id = self._take_message_id(chat_id)
+        chat.topics[thread_id] = name
+        return thread_id
+
+    def delete_topic(self, chat_id: int, thread_id: int) -> None:
+        """The topic is deleted: sends to it fail with "message thread not found"."""
+        self._chats[chat_id].topics.pop(thread_id, None)
 
     def block(self, chat_id: int, blocked: bool = True) -> None:
         """Make requests to this chat fail with 403 `Forbidden: bot was blocked by the user`."""
@@ -710,24 +764,92 @@ class FakeTelegram:
         message_thread_id: int | None = None,
     ) -> int:
         """A user writes `text` in `chat_id`; returns the update_id."""
-        chat = self.add_chat(chat_id, chat_type=chat_type, first_name=first_name)
-        if user_id is None:
-            user_id = chat_id if chat_id > 0 else 100_001
-        user = self._user(user_id, first_name)
-        msg = StoredMessage(
-            message_id=self._take_message_id(chat_id),
-            chat=chat,
-            sender=user,
-            date=int(time.time()),
-            from_bot=False,
-            text=text,
-            message_thread_id=message_thread_id,
-        )
+        msg = self._user_message(chat_id, user_id, chat_type, first_name, message_thread_id)
+        msg.text = text
         command = re.match(r"/[A-Za-z0-9_]+(@[A-Za-z0-9_]+)?", text)
         if command:
             msg.entities = [{"type": "bot_command", "offset": 0, "length": command.end()}]
-        self._messages[chat_id][msg.message_id] = msg
+        return self._push_user_message(msg)
+
+    def push_document(
+        self,
+        chat_id: int,
+        content: bytes,
+        *,
+        file_name: str | None,
+        mime_type: str | None = "application/octet-stream",
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        user_id: int | None = None,
+        message_thread_id: int | None = None,
+    ) -> int:
+        """A user sends a file (any size: getFile refuses what is over 20 MB)."""
+        msg = self._user_message(chat_id, user_id, None, "Tester", message_thread_id)
+        stored = self._store_file(content, f"documents/file_{len(self._files)}")
+        msg.document = Document(stored.file_id, file_name, content, mime_type)
+        msg.caption = caption
+        msg.media_group_id = media_group_id
+        return self._push_user_message(msg)
+
+    def push_photo(
+        self,
+        chat_id: int,
+        content: bytes,
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        user_id: int | None = None,
+        message_thread_id: int | None = None,
+    ) -> int:
+        """A user sends a photo: a thumbnail and the full size, as Telegram offers them."""
+        msg = self._user_message(chat_id, user_id, None, "Tester", message_thread_id)
+        sizes = []
+        for width, data in ((90, content[:64] or b"\0"), (1280, content)):
+            stored = self._store_file(data, f"photos/file_{len(self._files)}.jpg")
+            sizes.append(
+                {
+                    "file_id": stored.file_id,
+                    "file_unique_id": stored.file_unique_id,
+                    "file_size": len(data),
+                    "width": width,
+                    "height": width * 3 // 4,
+                }
+            )
+        msg.photo = sizes
+        msg.caption = caption
+        msg.media_group_id = media_group_id
+        return self._push_user_message(msg)
+
+    def _user_message(
+        self,
+        chat_id: int,
+        user_id: int | None,
+        chat_type: str | None,
+        first_name: str,
+        message_thread_id: int | None,
+    ) -> StoredMessage:
+        chat = self.add_chat(chat_id, chat_type=chat_type, first_name=first_name)
+        if user_id is None:
+            user_id = chat_id if chat_id > 0 else 100_001
+        return StoredMessage(
+            message_id=self._take_message_id(chat_id),
+            chat=chat,
+            sender=self._user(user_id, first_name),
+            date=int(time.time()),
+            from_bot=False,
+            message_thread_id=message_thread_id,
+            is_topic_message=chat.is_forum and message_thread_id in chat.topics,
+        )
+
+    def _push_user_message(self, msg: StoredMessage) -> int:
+        self._messages[msg.chat.id][msg.message_id] = msg
         return self.push_update("message", msg.to_api())
+
+    def _store_file(self, content: bytes, file_path: str) -> StoredFile:
+        n = next(self._ids)
+        stored = StoredFile(f"BQACAgIAAxkBAAI{n:012d}", f"AgAD{n:08d}", file_path, content)
+        self._files[stored.file_id] = stored
+        return stored
 
     def push_callback(
         self,
@@ -893,6 +1015,18 @@ class FakeTelegram:
         """The next `times` calls of `method` are answered normally after `seconds`."""
         self._faults[self._canonical(method)].append(_Fault("delay", times, seconds=seconds))
 
+    def cut_download_next(self, *, after: int | None = None, times: int = 1) -> None:
+        """The next `times` file downloads stop after `after` bytes (default: half) and
+        their connection is closed: the client gets less than Content-Length says."""
+        self._download_faults.append(_Fault("cut", times, retry_after=after))
+
+    def fail_download_next(self, error_code: int = 502, *, times: int = 1) -> None:
+        """The next `times` file downloads are answered `error_code`."""
+        self._download_faults.append(_Fault("fail", times, error_code=error_code))
+
+    def file_url(self, file_path: str) -> str:
+        return f"{self.base_url}/file/bot{self.token}/{file_path}"
+
     # ----------------------------------------------------------------- HTTP layer
 
     @staticmethod
@@ -903,6 +1037,8 @@ class FakeTelegram:
     async def _respond(self, request: Request) -> Response:
         arrived = trio.current_time()
         path = request.path
+        if path.startswith("/file/") and self._outage is None:
+            return self._download(path, arrived)
         token, sep, method = path[4:].partition("/")
         early: ApiError | None = None
         if not path.startswith("/bot"):
@@ -964,6 +1100,46 @@ class FakeTelegram:
             if dropped is not None:
                 status = 0
             self._record(name, params, files, arrived, status, description, dropped, processed)
+
+    def _download(self, path: str, arrived: float) -> Response:
+        """`GET /file/bot<token>/<file_path>`: the bytes of a file getFile described.
+
+        Recorded as method "downloadFile" with the file_path only (never the token).
+        """
+        token, _, file_path = path.removeprefix("/file/bot").partition("/")
+        stored = next((f for f in self._files.values() if f.file_path == file_path), None)
+        if token != self.token or stored is None or len(stored.content) > MAX_DOWNLOAD_BYTES:
+            self._record("downloadFile", {"file_path": file_path}, {}, arrived, 404, ERR_NOT_FOUND)
+            return _envelope_error(ApiError(404, ERR_NOT_FOUND))
+        fault = self._download_faults[0] if self._download_faults else None
+        if fault is not None:
+            fault.times -= 1
+            if fault.times <= 0:
+                self._download_faults.pop(0)
+        if fault is not None and fault.kind == "fail":
+            code = fault.error_code
+            description = _DEFAULT_DESCRIPTIONS.get(code, "Error")
+            self._record("downloadFile", {"file_path": file_path}, {}, arrived, code, description)
+            return _envelope_error(ApiError(code, description))
+        content = stored.content
+        cut_at: int | None = None
+        if fault is not None and fault.kind == "cut":
+            cut_at = fault.retry_after if fault.retry_after is not None else len(content) // 2
+        self._record(
+            "downloadFile",
+            {"file_path": file_path},
+            {},
+            arrived,
+            0 if cut_at is not None else 200,
+            None,
+            "after" if cut_at is not None else None,
+            200,
+        )
+        return Response(
+            200,
+            _file_chunks(content, cut_at),
+            {"content-type": "application/octet-stream", "content-length": str(len(content))},
+        )
 
     def _answer_outage(self, request: Request, name: str, arrived: float) -> Response:
         """fail_all(): the answer of a broken front end, before any routing or checks."""
@@ -1239,6 +1415,7 @@ class FakeTelegram:
         )
         markup = _reply_markup(p.get("reply_markup"), inline_only=False)
         chat = self._chat(p)
+        thread_id = self._thread(chat, p)
         self._throttle(call, chat)
         msg = StoredMessage(
             message_id=self._take_message_id(chat.id),
@@ -1249,7 +1426,8 @@ class FakeTelegram:
             text=text,
             entities=entities or None,
             reply_markup=markup if markup and "inline_keyboard" in markup else None,
-            message_thread_id=_to_int(p.get("message_thread_id")),
+            message_thread_id=thread_id,
+            is_topic_message=thread_id is not None,
         )
         self._messages[chat.id][msg.message_id] = msg
         return msg.to_api(), None
@@ -1311,11 +1489,10 @@ class FakeTelegram:
         chat = self._chat(p)
         if chat.type != "private":
             raise _bad(ERR_DRAFT_PEER_INVALID)
+        thread_id = self._thread(chat, p)
         self._throttle(call, chat)
         self._drafts[chat.id].append(
-            DraftUpdate(
-                draft_id, text, entities or None, call.now, _to_int(p.get("message_thread_id"))
-            )
+            DraftUpdate(draft_id, text, entities or None, call.now, thread_id)
         )
         return True, None
 
@@ -1325,10 +1502,9 @@ class FakeTelegram:
         if action not in CHAT_ACTIONS:
             raise _bad(ERR_WRONG_ACTION)
         chat = self._chat(p)
+        thread_id = self._thread(chat, p)
         self._throttle(call, chat)
-        self._actions[chat.id].append(
-            ChatAction(str(action), call.now, _to_int(p.get("message_thread_id")))
-        )
+        self._actions[chat.id].append(ChatAction(str(action), call.now, thread_id))
         return True, None
 
     async def _send_document(self, call: _Call) -> _Result:
@@ -1347,8 +1523,9 @@ class FakeTelegram:
         if upload is None and not (isinstance(ref, str) and ref):
             raise _bad(ERR_NO_DOCUMENT)
         if upload is not None and len(upload.content) > MAX_DOCUMENT_BYTES:
-            raise ApiError(413, "Request Entity Too Large")
+            raise ApiError(413, ERR_ENTITY_TOO_LARGE)
         chat = self._chat(p)
+        thread_id = self._thread(chat, p)
         self._throttle(call, chat)
         file_id = f"BQACAgIAAxkDAAI{next(self._ids):012d}"
         if upload is not None:
@@ -1365,10 +1542,51 @@ class FakeTelegram:
             caption_entities=caption_entities or None,
             document=document,
             reply_markup=markup if markup and "inline_keyboard" in markup else None,
-            message_thread_id=_to_int(p.get("message_thread_id")),
+            message_thread_id=thread_id,
+            is_topic_message=thread_id is not None,
         )
         self._messages[chat.id][msg.message_id] = msg
         return msg.to_api(), None
+
+    async def _get_file(self, call: _Call) -> _Result:
+        stored = self._files.get(str(call.params.get("file_id") or ""))
+        if stored is None:
+            raise _bad(ERR_INVALID_FILE_ID)
+        if len(stored.content) > MAX_DOWNLOAD_BYTES:
+            raise _bad(ERR_FILE_TOO_BIG)
+        return {
+            "file_id": stored.file_id,
+            "file_unique_id": stored.file_unique_id,
+            "file_size": len(stored.content),
+            "file_path": stored.file_path,
+        }, None
+
+    async def _create_forum_topic(self, call: _Call) -> _Result:
+        chat = self._chat(call.params)
+        name = str(call.params.get("name") or "")
+        if not 1 <= len(name) <= 128:
+            raise _bad("Bad Request: invalid forum topic name specified")
+        if not chat.is_forum:
+            raise _bad(ERR_NOT_A_FORUM)
+        thread_id = self.create_topic(chat.id, name)
+        return {"message_thread_id": thread_id, "name": name, "icon_color": 7322096}, None
+
+    async def _delete_forum_topic(self, call: _Call) -> _Result:
+        chat = self._chat(call.params)
+        thread_id = _to_int(call.params.get("message_thread_id"))
+        if thread_id is None or thread_id not in chat.topics:
+            raise _bad(ERR_THREAD_NOT_FOUND)
+        self.delete_topic(chat.id, thread_id)
+        return True, None
+
+    def _thread(self, chat: Chat, params: Mapping[str, Any]) -> int | None:
+        """The topic a send goes to; "message thread not found" unless it is open."""
+        thread_id = _to_int(params.get("message_thread_id"))
+        if not thread_id:
+            return None
+        if thread_id not in chat.topics:
+            raise _bad(ERR_THREAD_NOT_FOUND)
+        return thread_id
 
     async def _answer_callback_query(self, call: _Call) -> _Result:
         p = call.params
@@ -1442,6 +1660,9 @@ _METHODS: dict[str, tuple[str, _Handler]] = {
         ("sendChatAction", FakeTelegram._send_chat_action),
         ("sendDocument", FakeTelegram._send_document),
         ("answerCallbackQuery", FakeTelegram._answer_callback_query),
+        ("getFile", FakeTelegram._get_file),
+        ("createForumTopic", FakeTelegram._create_forum_topic),
+        ("deleteForumTopic", FakeTelegram._delete_forum_topic),
         ("setMyCommands", FakeTelegram._set_my_commands),
         ("getMyCommands", FakeTelegram._get_my_commands),
         ("deleteMyCommands", FakeTelegram._delete_my_commands),
@@ -1459,6 +1680,40 @@ class _FaultBody(Exception):
 # --------------------------------------------------------------------------------------
 # Envelopes and parameter parsing
 # --------------------------------------------------------------------------------------
+
+
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+class _CutDownload(trio.BrokenResourceError):
+    """Raised inside a download body: the connection closes short of Content-Length."""
+
+
+async def _file_chunks(content: bytes, cut_at: int | None) -> AsyncIterator[bytes]:
+    end = len(content) if cut_at is None else cut_at
+    for start in range(0, end, DOWNLOAD_CHUNK):
+        yield content[start : min(end, start + DOWNLOAD_CHUNK)]
+        await trio.lowlevel.checkpoint()
+    if cut_at is not None:
+        raise _CutDownload("fake telegram: download cut short on purpose")
+
+
+class _MemoryStream(httpx.AsyncByteStream):
+    """A streamed body in memory; a download cut short ends as a broken connection would."""
+
+    def __init__(self, body: AsyncIterator[bytes], request: httpx.Request) -> None:
+        self._body = body
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._body:
+                yield chunk
+        except _CutDownload:
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body",
+                request=self._request,
+            ) from None
 
 
 def _envelope_ok(result: Any, description: str | None) -> Response:
