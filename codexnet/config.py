@@ -138,6 +138,8 @@ class ProxyConfig:
     state_dir: Path = Path("state/proxy")
     heartbeat_timeout_s: float = 30.0
     manager_ca_file: Path | None = None
+    # A Codex thread unused this long is unloaded from the app-server (0: never).
+    thread_idle_unload_s: float = 1800.0
     # Every path the chat can name (/get, /cd, files sent) must resolve inside
     # one of these (symlinks resolved). Empty: [codex_cwd].
     allowed_roots: tuple[Path, ...] = ()
@@ -641,6 +643,9 @@ def load_proxy_config(
         state_dir=Path(r.get("state_dir", r.string, f"state/proxy-{proxy_id}")).expanduser(),
         heartbeat_timeout_s=r.get("heartbeat_timeout_s", r.heartbeat, 30.0),
         manager_ca_file=r.get("manager_ca_file", r.existing_file, None),
+        thread_idle_unload_s=r.get(
+            "thread_idle_unload_s", r.seconds(MAX_TIMEOUT_S, zero=True), 1800.0
+        ),
         allowed_roots=r.get("allowed_roots", r.directories, ()),
         model=r.get("model", r.pattern(MODEL_NAME, "a model name like gpt-5.5"), None),
         effort=r.get("effort", r.pattern(EFFORT_NAME, "a reasoning effort like medium"), None),

@@ -34,7 +34,11 @@ from typing import Final, TypeVar
 import attrs
 import trio
 
+from codexnet.ratelog import Throttle
+from codexnet.resource_errors import resource_problem
+
 log = logging.getLogger(__name__)
+_throttled = Throttle()
 
 T = TypeVar("T")
 Write = Callable[[sqlite3.Connection], object]
@@ -51,7 +55,11 @@ def describe_sqlite_error(path: Path, exc: BaseException) -> str:
     """One line for a person: which file, what is wrong with it."""
     text = str(exc)
     lower = text.lower()
-    if "not a database" in lower or "malformed" in lower or "corrupt" in lower:
+    # No descriptor left: SQLite only says "unable to open database file".
+    resource = resource_problem(exc, probe=isinstance(exc, OSError) or "unable to open" in lower)
+    if resource is not None:
+        problem = f"cannot be used now: {resource}"
+    elif "not a database" in lower or "malformed" in lower or "corrupt" in lower:
         problem = "is not a valid SQLite database (corrupt?); move it aside to start empty"
     elif "readonly" in lower or "read-only" in lower:
         problem = "is read-only (check the permissions of the file and its directory)"
@@ -86,6 +94,7 @@ class Database:
         self, path: Path | str, migrations: Sequence[str], *, inline: bool = False
     ) -> None:
         self.path = Path(path)
+        self._memory = str(path) == ":memory:"
         # inline: fsyncs and checkpoints on the event loop too, no worker thread.
         # Only for tests on trio's virtual clock, which races ahead while a thread works.
         self._inline = inline
@@ -108,7 +117,7 @@ class Database:
 
     def open(self) -> None:
         """Open (creating if needed), check, and migrate; raises `StateError`."""
-        memory = str(self.path) == ":memory:"
+        memory = self._memory
         try:
             if not memory:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,12 +138,20 @@ class Database:
             if check != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {check}")
             self._migrate(conn)
+            if not memory:
+                self._wal_path = self.path.with_name(self.path.name + "-wal")
+                # Opened now, for every later fsync: running out of descriptors
+                # later must not stop a commit from being made power-safe.
+                self._open_wal()
         except (sqlite3.Error, OSError) as exc:
             conn.close()
             raise StateError(describe_sqlite_error(self.path, exc)) from None
         self._conn = conn
-        if not memory:
-            self._wal_path = self.path.with_name(self.path.name + "-wal")
+
+    def _open_wal(self) -> None:
+        """Open the WAL for fsync once it exists; raises OSError."""
+        if self._wal_fd is None and self._wal_path is not None and self._wal_path.exists():
+            self._wal_fd = os.open(self._wal_path, os.O_RDONLY)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -209,8 +226,15 @@ class Database:
         One fsync of the WAL on the worker thread serves every caller whose
         commits it covers: callers arriving while one runs wait for the next.
         """
+        if self._memory:
+            return  # nothing to sync
         if self._wal_fd is None:
-            return  # in memory: nothing to sync
+            try:
+                self._open_wal()
+            except OSError as exc:
+                raise StateError(describe_sqlite_error(self.path, exc)) from None
+            if self._wal_fd is None:
+                return  # no WAL yet: nothing was committed
         target = self.commits
         while self._synced_upto < target:
             if self._sync_running is not None:
@@ -227,7 +251,7 @@ class Database:
                         await trio.to_thread.run_sync(os.fsync, self._wal_fd, limiter=self._limiter)
                 self.syncs += 1
                 self._synced_upto = max(self._synced_upto, covered)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # RuntimeError: no thread could be started
                 raise StateError(describe_sqlite_error(self.path, exc)) from None
             finally:
                 self._sync_running = None
@@ -293,8 +317,6 @@ class Database:
         """
         self._apply(batch)
         await trio.lowlevel.checkpoint()
-        if self._wal_fd is None and self._wal_path is not None and self._wal_path.exists():
-            self._wal_fd = os.open(self._wal_path, os.O_RDONLY)
         if self.commits % CHECKPOINT_EVERY == 0:
             await self._checkpoint()
 
@@ -309,21 +331,37 @@ class Database:
                     await trio.to_thread.run_sync(
                         conn.execute, "PRAGMA wal_checkpoint(PASSIVE)", limiter=self._limiter
                     )
-        except sqlite3.Error as exc:  # a checkpoint is housekeeping; the WAL keeps the data
-            log.warning("%s (checkpoint skipped)", describe_sqlite_error(self.path, exc))
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            # A checkpoint is housekeeping; the WAL keeps the data meanwhile.
+            problem = describe_sqlite_error(self.path, exc)
+            _throttled.log(log, logging.WARNING, "checkpoint", "%s (checkpoint skipped)", problem)
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        """Commit `batch`; a write that fails gets its `StateError`, the writer goes on.
+
+        The writer must outlive any failure (disk full, no descriptor or
+        memory left, a bug in one write): if it stopped, every later write
+        would wait forever.
+        """
         try:
             await self._run_apply(batch)
-        except sqlite3.Error:
+        except Exception:
             # One bad write must not fail the others: commit them one by one.
             for pending in batch:
                 try:
                     await self._run_apply([pending])
-                except sqlite3.Error as exc:
+                except Exception as exc:
                     pending.error = StateError(describe_sqlite_error(self.path, exc))
+                    if not isinstance(exc, sqlite3.Error | OSError | MemoryError):
+                        log.error("a state write failed", exc_info=exc)  # a bug: say where
                     if pending.done is None:
-                        log.error("%s (a non-essential write was dropped)", pending.error)
+                        _throttled.log(
+                            log,
+                            logging.ERROR,
+                            "dropped",
+                            "%s (a non-essential write was dropped)",
+                            pending.error,
+                        )
         for pending in batch:
             if pending.done is not None:
                 pending.done.set()

@@ -13,6 +13,7 @@ import trio
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
 from codexnet.manager.telegram import TelegramClient
+from tests.fakes.loglines import logged  # noqa: F401 (a fixture for every test)
 from tests.fakes.stack import BOT_TOKEN, USER
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
 

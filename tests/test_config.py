@@ -178,6 +178,7 @@ def test_proxy_config_defaults(tmp_path: Path) -> None:
     assert config.codex_cwd == tmp_path
     assert config.approval_policy == "on-request"
     assert config.sandbox == "workspace-write"
+    assert config.thread_idle_unload_s == 1800
     assert "secret-one" not in repr(config)
 
 
@@ -215,6 +216,10 @@ def test_proxy_settings_reach_the_child_env(tmp_path: Path) -> None:
         ({"codex_cwd": "/no/such/dir"}, "codex_cwd: '/no/such/dir' is not a directory"),
         ({"proxy_token": ""}, "proxy_token: required"),
         ({"labels": "gpu"}, "labels: expected a list of strings"),
+        (
+            {"thread_idle_unload_s": -1},
+            r"thread_idle_unload_s: expected a number of seconds in \[0, 604800\], got -1",
+        ),
         ({"allowed_roots": []}, "allowed_roots: expected at least one directory"),
         ({"allowed_roots": ["/no/such/root"]}, "allowed_roots: '/no/such/root' is not a dir"),
         ({"allowed_roots": ["/usr"]}, "allowed_roots: codex_cwd .* is not inside any of them"),

@@ -7,6 +7,7 @@ asserted to the second.
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import httpx
@@ -323,3 +324,83 @@ async def test_stop_abandons_the_waiting_answers_and_lets_the_rest_finish(
     assert 1 <= len(sent) < 5
     assert results.count(ABANDONED) == 5 - len(sent)
     assert outbox.stats.sent == 3 + len(sent)
+
+
+async def test_chats_take_turns_when_the_bots_budget_is_the_bottleneck(
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
+) -> None:
+    chats = list(range(1, 41))
+    for chat in chats:
+        fake.add_chat(chat)
+    start = trio.current_time()
+    first_at: dict[int, float] = {}
+    queued = {chat: itertools.count() for chat in chats}
+
+    async def answer(chat: int) -> None:
+        part = next(queued[chat])  # numbered as queued: a chat's parts go in this order
+        await outbox.send("sendMessage", sends(f"part {part}", chat), priority=Priority.ANSWER)
+        if part == 0:
+            first_at[chat] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        for chat in chats:  # all queued at once, four parts per chat
+            for _ in range(4):
+                nursery.start_soon(answer, chat)
+    sent = [
+        (int(r.params["chat_id"]), int(str(r.params["text"]).split()[1]))
+        for r in fake.requests
+        if r.method == "sendMessage"
+    ]
+    assert len(sent) == 160
+    # Round robin: every chat's first part before any chat's second, and so on.
+    assert [part for _, part in sent] == sorted(part for _, part in sent)
+    # So the last chat's answer starts after 40 requests (25/s), not after 120.
+    assert max(first_at.values()) <= 40 / 25 + 0.5
+    assert fake.stats.too_many_requests == 0
+
+
+async def test_2000_waiting_sends_cost_2000_wakeups(
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
+) -> None:
+    chats = range(1, 201)
+    for chat in chats:
+        fake.add_chat(chat)
+    async with trio.open_nursery() as nursery:
+        for chat in chats:
+            for i in range(10):
+                nursery.start_soon(
+                    partial(outbox.send, priority=Priority.REPLY),
+                    "sendMessage",
+                    sends(f"m{i}", chat),
+                )
+    assert outbox.stats.sent == 2000
+    assert outbox.stats.wakeups == 2000  # each waiting send woken once, when it may go
+    # The scheduler wakes at most once per send too: only when something may go.
+    assert outbox.stats.scheduler_wakeups <= 2000
+    assert fake.stats.too_many_requests == 0
+
+
+async def test_a_chat_kept_waiting_by_the_bots_budget_keeps_to_its_own(
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
+) -> None:
+    # 60 other chats take the bot's budget for ~2 s; chat USER's five messages
+    # wait behind them with a full bucket. Waiting earns it no extra burst:
+    # three go at once, then about one a second.
+    for chat in range(1, 61):
+        fake.add_chat(chat)
+    async with trio.open_nursery() as nursery:
+        for chat in range(1, 61):
+            nursery.start_soon(
+                partial(outbox.send, priority=Priority.REPLY), "sendMessage", sends("hi", chat)
+            )
+        await trio.lowlevel.checkpoint()
+        for i in range(5):
+            nursery.start_soon(
+                partial(outbox.send, priority=Priority.REPLY), "sendMessage", sends(f"m{i}")
+            )
+    assert fake.stats.too_many_requests == 0
+    times = [
+        r.time for r in fake.requests if r.method == "sendMessage" and r.params["chat_id"] == USER
+    ]
+    assert len(times) == 5
+    assert times[3] - times[0] >= 0.9

@@ -237,7 +237,9 @@ def _start(
     from codexnet.manager.hub import Hub
     from codexnet.manager.service import run_manager
     from codexnet.manager.telegram import TelegramFatal
+    from codexnet.rlimit import raise_nofile_limit
 
+    raise_nofile_limit()  # a socket per proxy: a thousand proxies would not fit in 1024
     host, port = listen
     key = "--ws-listen" if args.ws_listen else "manager_ws_listen"
     if args.dispatch_proxy:

@@ -46,6 +46,8 @@ from codexnet.manager.telegram import (
     TelegramConflict,
     TelegramError,
     TelegramFatal,
+    TelegramUnavailable,
+    log_unavailable,
 )
 from codexnet.manager.updates import Malformed, excerpt, parse_update, update_id_of
 
@@ -137,6 +139,18 @@ class Bot:
                     continue
                 except RetryAfter as exc:
                     await trio.sleep(exc.retry_after)
+                    continue
+                except TelegramUnavailable as exc:
+                    delay = backoff(POLL_BACKOFF_S, failures)
+                    failures += 1
+                    log_unavailable(
+                        log,
+                        exc,
+                        "getUpdates failed (%s); retrying in %.0f s",
+                        exc.description,
+                        delay,
+                    )
+                    await trio.sleep(delay)
                     continue
                 except TelegramError as exc:
                     delay = backoff(POLL_BACKOFF_S, failures)

@@ -14,8 +14,12 @@ checked before anything else lands there). A lane whose next request may go
 waits in a heap keyed by that request's priority — answers and failure lines,
 then approval questions, then replies, then live-view updates — and the
 scheduler wakes exactly that one request when both its chat and the global
-bucket allow it. Live-view updates with the same `coalesce` key replace each
-other while they wait: only the newest text is ever sent.
+bucket allow it. Within a priority, chats take turns (start-time fair
+queueing: a lane's place is one past its previous send, and never before the
+send going out now), so a chat with ten answer parts waiting holds up the
+other chats' first answers by one request, not ten, when the bot's global
+budget is the bottleneck. Live-view updates with the same `coalesce` key
+replace each other while they wait: only the newest text is ever sent.
 
 Delivery: `send(..., until=T)` keeps retrying what surely did not reach
 Telegram (429, 5xx, connection refused) with backoff until `T`, and wakes
@@ -51,6 +55,7 @@ from codexnet.manager.telegram import (
     TelegramError,
     TelegramUnavailable,
     UploadFiles,
+    log_unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -104,7 +109,10 @@ class _Bucket:
         need = 1 + self.reserve
         return now if self.tokens >= need else now + (need - self.tokens) / self.rate
 
-    def take(self) -> None:
+    def take(self, now: float) -> None:
+        # Refill up to `now` first: tokens refilled while the bucket was full
+        # (capped at `burst`) must not be granted again after this take.
+        self.ready_at(now)
         self.tokens -= 1
 
 
@@ -128,6 +136,9 @@ class _Lane:
     busy: bool = False
     paused_until: float = 0.0
     version: int = 0
+    # Fair queueing: the virtual time at which this lane's next request may
+    # start (one past its last one); see Outbox.run.
+    finish: int = 0
     coalesced: dict[Hashable, _Item] = attrs.Factory(dict)
 
     def head(self) -> _Item | None:
@@ -163,11 +174,17 @@ class Outbox:
         self._chat_burst = chat_burst
         self._global = _Bucket(global_rate, global_burst, global_burst, trio.current_time())
         self._lanes: dict[int, _Lane] = {}
-        self._ready: list[tuple[int, int, int, int, _Lane]] = []
+        # (priority, fair start tag, seq, tiebreak, lane version, lane)
+        self._ready: list[tuple[int, int, int, int, int, _Lane]] = []
+        self._vclock = 0  # the start tag of the last request given the go
         self._timers: list[tuple[float, int, int, _Lane]] = []
         self._tiebreak = itertools.count()
         self._seq = itertools.count()
         self._wake = trio.Event()
+        # When the sleeping scheduler will look next, and the earliest the global
+        # bucket lets anything go: a lane that cannot go before that needs no wake-up.
+        self._next_look = -math.inf
+        self._global_free = 0.0
         self._last_message_id: dict[int, int] = {}
         self._stopping = False
         # Chat actions are cosmetic: at most this many in flight, so a burst of
@@ -317,7 +334,9 @@ class Outbox:
                     raise error
                 delay = backoff(RETRY_BACKOFF_S, failures)
                 failures += 1
-                log.warning(
+                log_unavailable(
+                    log,
+                    error,
                     "Telegram %s to chat %s failed (%s); retrying within %.0f s",
                     method,
                     chat_id,
@@ -374,7 +393,8 @@ class Outbox:
         now = trio.current_time()
         at = max(lane.bucket.ready_at(now), lane.paused_until)
         heapq.heappush(self._timers, (at, next(self._tiebreak), lane.version, lane))
-        self._wake.set()
+        if max(at, self._global_free) < self._next_look:
+            self._wake.set()
 
     def _release(self, lane: _Lane) -> None:
         lane.busy = False
@@ -399,36 +419,44 @@ class Outbox:
                 _, _, version, lane = heapq.heappop(self._timers)
                 head = lane.head()
                 if version == lane.version and head is not None and not lane.busy:
-                    entry = (head.priority, head.seq, next(self._tiebreak), version, lane)
+                    start = max(self._vclock, lane.finish)
+                    entry = (head.priority, start, head.seq, next(self._tiebreak), version, lane)
                     heapq.heappush(self._ready, entry)
             while self._ready and not self._valid(self._ready[0]):
                 heapq.heappop(self._ready)
             target = math.inf
+            global_at = self._global.ready_at(now)
             if self._ready:
-                at = self._global.ready_at(now)
+                at = global_at
                 if at <= now:
-                    *_, lane = heapq.heappop(self._ready)
+                    _, start, *_, lane = heapq.heappop(self._ready)
+                    self._vclock = max(self._vclock, start)
+                    lane.finish = start + 1
                     item = lane.head()
                     assert item is not None
                     heapq.heappop(lane.heap)
                     lane.busy = True
                     lane.version += 1
-                    lane.bucket.take()
-                    self._global.take()
+                    lane.bucket.take(now)
+                    self._global.take(now)
                     self.stats.sent += 1
                     item.go.set()
                     continue
+                # Nothing can go before the global bucket allows: lanes whose timers
+                # fall due meanwhile join the ready heap then, in one wake-up.
                 target = at
-            if self._timers:
-                target = min(target, self._timers[0][0])
+            elif self._timers:
+                target = max(self._timers[0][0], global_at)
             self._wake = trio.Event()
+            self._next_look, self._global_free = target, global_at
             with trio.move_on_at(target):
                 await self._wake.wait()
+            self._next_look = -math.inf  # awake: _schedule's changes are seen anyway
             self.stats.scheduler_wakeups += 1
 
     @staticmethod
-    def _valid(entry: tuple[int, int, int, int, _Lane]) -> bool:
-        _, seq, _, version, lane = entry
+    def _valid(entry: tuple[int, int, int, int, int, _Lane]) -> bool:
+        _, _, seq, _, version, lane = entry
         head = lane.head()
         return version == lane.version and not lane.busy and head is not None and head.seq == seq
 
@@ -490,7 +518,5 @@ class Outbox:
         at = max(lane.bucket.ready_at(now), self._global.ready_at(now), lane.paused_until)
         await trio.sleep_until(at)
         now = trio.current_time()
-        lane.bucket.ready_at(now)
-        self._global.ready_at(now)
-        lane.bucket.take()
-        self._global.take()
+        lane.bucket.take(now)
+        self._global.take(now)

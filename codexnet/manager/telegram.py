@@ -36,8 +36,11 @@ import httpx
 import trio
 
 from codexnet.backoff import backoff
+from codexnet.ratelog import Throttle
+from codexnet.resource_errors import resource_problem
 
 log = logging.getLogger(__name__)
+_throttled = Throttle()
 
 RETRY_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 MAX_ATTEMPTS: Final = 6
@@ -79,11 +82,48 @@ class RetryAfter(TelegramError):
 
 
 class TelegramUnavailable(TelegramError):
-    """No answer from Telegram (network or 5xx); `fate` says whether it may have acted."""
+    """No answer from Telegram (network or 5xx); `fate` says whether it may have acted.
 
-    def __init__(self, method: str, description: str, fate: Literal["not_sent", "unknown"]):
+    `resource`: the request failed because this process ran out of something
+    (file descriptors, memory), not because of the network: the description
+    says which, and the callers log it once a minute.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        description: str,
+        fate: Literal["not_sent", "unknown"],
+        *,
+        resource: bool = False,
+    ):
         super().__init__(method, 0, description)
         self.fate = fate
+        self.resource = resource
+
+
+def _unavailable(
+    method: str, exc: BaseException, fate: Literal["not_sent", "unknown"], what: str
+) -> TelegramUnavailable:
+    """The classified error; with no descriptor left, say that rather than what it caused
+    (a DNS lookup that cannot open /etc/hosts reports "Name or service not known")."""
+    problem = resource_problem(exc)
+    if problem is not None:
+        return TelegramUnavailable(
+            method, f"{what} ({type(exc).__name__}: {problem})", fate, resource=True
+        )
+    # str(exc) of httpx errors does not carry the URL; the type says enough.
+    return TelegramUnavailable(method, f"{what} ({type(exc).__name__})", fate)
+
+
+def log_unavailable(
+    logger: logging.Logger, exc: TelegramUnavailable, msg: str, *args: object
+) -> None:
+    """A warning for a failed request; once a minute when a resource ran out."""
+    if exc.resource:
+        _throttled.log(logger, logging.WARNING, "resource", msg, *args)
+    else:
+        logger.warning(msg, *args)
 
 
 class TelegramClient:
@@ -129,15 +169,17 @@ class TelegramClient:
             status, body = await self._post(method, params, files, read_timeout)
         except (*_NOT_SENT, *_NOT_SENT_TIMEOUTS) as exc:
             self.stats["network_errors"] += 1
-            # str(exc) of httpx errors does not carry the URL; the type says enough.
-            raise TelegramUnavailable(
-                method, f"network error ({type(exc).__name__})", "not_sent"
-            ) from None
+            raise _unavailable(method, exc, "not_sent", "network error") from None
         except httpx.TransportError as exc:
             self.stats["network_errors"] += 1
-            raise TelegramUnavailable(
-                method, f"connection lost before the answer ({type(exc).__name__})", "unknown"
+            raise _unavailable(
+                method, exc, "unknown", "connection lost before the answer"
             ) from None
+        except OSError as exc:
+            # Not mapped by httpx (its own mapping covers the socket calls): where
+            # it came from is not known, so neither is whether Telegram got it.
+            self.stats["network_errors"] += 1
+            raise _unavailable(method, exc, "unknown", "local error") from None
         self._success.set()
         self._success = trio.Event()
         if body.get("ok"):
@@ -182,8 +224,13 @@ class TelegramClient:
                 if attempt + 1 >= attempts:
                     raise
                 delay = backoff(RETRY_BACKOFF_S, attempt)
-                log.warning(
-                    "Telegram %s failed (%s); retrying in %.0f s", method, exc.description, delay
+                log_unavailable(
+                    log,
+                    exc,
+                    "Telegram %s failed (%s); retrying in %.0f s",
+                    method,
+                    exc.description,
+                    delay,
                 )
                 await trio.sleep(delay)
             except TelegramError as exc:

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     from codexnet.db import StateError
     from codexnet.proxy.appserver import AppServer
     from codexnet.proxy.service import ProxyRefused, ProxyService
+    from codexnet.rlimit import raise_nofile_limit
 
+    raise_nofile_limit()
     codex_bin = resolve_codex_bin(config.codex_bin)
     assert codex_bin is not None  # check_proxy said so
     config = attrs.evolve(config, codex_bin=codex_bin)

@@ -7,20 +7,30 @@ shutdown it closes stdin (Codex exits in ~30 ms and marks running turns
 interrupted), then SIGTERMs and SIGKILLs the whole group, each step bounded.
 
 `AppServer.run_turn` runs one prompt on a thread: `thread/start` for a new
-thread, `thread/resume` for a known one this child has not loaded yet, then
-`turn/start`, and waits for `turn/completed`. Turns on one thread are
-serialised: `turn/start` on a busy thread would silently steer the running turn.
-Each turn names its working directory, and its model and reasoning effort
-when the conversation chose them (`TurnSettings`): `turn/start` overrides
-stick to the thread, so they are sent with every turn, not once.
+thread, `thread/resume` for a known one this child has not loaded (yet, or
+any more), then `turn/start`, and waits for `turn/completed`. Turns on one
+thread are serialised: `turn/start` on a busy thread would silently steer the
+running turn. Each turn names its working directory, and its model and
+reasoning effort when the conversation chose them (`TurnSettings`):
+`turn/start` overrides stick to the thread, so they are sent with every turn,
+not once.
 
 `AppServer.call` is one request for the workspace's queries (`model/list`,
 `thread/list`, `thread/read`).
+
+Idle threads are unloaded: every loaded thread costs the child about a
+megabyte, and a proxy that serves many chats would otherwise keep every
+conversation it ever had in memory. A thread unused for
+`thread_idle_unload_s` gets `thread/unsubscribe`; codex 0.169.0 then closes a
+thread nobody is subscribed to once it has been idle for about a minute
+(`thread/closed`) and frees it. The next prompt on it resumes it from disk,
+history and all, exactly like a thread a new child has not loaded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -40,8 +50,11 @@ from codexnet.proxy import server_requests
 from codexnet.proxy.jsonrpc import JsonRpcPeer, PeerClosed, RpcError, ServerRequest
 from codexnet.proxy.progress import describe_item
 from codexnet.proxy.server_requests import Approval
+from codexnet.ratelog import Throttle
+from codexnet.resource_errors import resource_problem
 
 log = logging.getLogger(__name__)
+_throttled = Throttle()
 
 INITIALIZE_TIMEOUT_S: Final = 60.0
 STOP_GRACE_S: Final = 3.0
@@ -120,6 +133,18 @@ class _Child:
     peer: JsonRpcPeer
     loaded_threads: set[str] = attrs.Factory(set)
     turns: dict[str, Turn] = attrs.Factory(dict)  # thread id → running turn
+    # Loaded threads not in use, and since when (trio time): candidates to unload.
+    idle_since: dict[str, float] = attrs.Factory(dict)
+    idle_changed: trio.Event = attrs.Factory(trio.Event)
+
+    def set_idle(self, thread_id: str) -> None:
+        if thread_id in self.loaded_threads:
+            self.idle_since[thread_id] = trio.current_time()
+            self.idle_changed.set()
+
+    def forget_thread(self, thread_id: str) -> None:
+        self.loaded_threads.discard(thread_id)
+        self.idle_since.pop(thread_id, None)
 
 
 async def _terminate_group(process: trio.Process) -> None:
@@ -152,6 +177,9 @@ class AppServer:
         self.health: Health = "starting"
         self.health_detail = ""
         self.health_changed = trio.Event()
+        # The last start failed for want of descriptors or memory: it is said
+        # once a minute, not at every restart.
+        self._starved = False
 
     @property
     def command(self) -> list[str]:
@@ -168,7 +196,8 @@ class AppServer:
             failures = 0 if ran_ok else failures + 1
             self._set_health("restarting" if ran_ok else "failed", self._last_error)
             delay = backoff(RESTART_BACKOFF_S, failures)
-            log.warning("restarting codex app-server in %.0f s", delay)
+            if not self._starved:
+                log.warning("restarting codex app-server in %.0f s", delay)
             await trio.sleep(delay)
             self.restarts += 1
 
@@ -182,6 +211,7 @@ class AppServer:
     async def _run_child_once(self) -> bool:
         """Start one child, serve it until it exits; True if it got past initialize."""
         initialized = False
+        self._starved = False
         try:
             async with trio.open_nursery() as nursery:
                 process: trio.Process = await nursery.start(
@@ -232,6 +262,7 @@ class AppServer:
                     log.info(
                         "codex app-server ready (pid %d, %s)", process.pid, self.version or "?"
                     )
+                    nursery.start_soon(self._unload_idle_threads, child)
                     await process.wait()
                 except trio.TooSlowError:
                     self._last_error = "app-server did not answer initialize"
@@ -252,9 +283,14 @@ class AppServer:
             log.error("%s", self._last_error)
         except* OSError as group:
             error = first_leaf(group)
+            problem = resource_problem(error, probe=False)
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            self._last_error = f"cannot start {self._config.codex_bin!r}: {reason}"
-            log.error("%s", self._last_error)
+            self._last_error = f"cannot start {self._config.codex_bin!r}: {problem or reason}"
+            if problem is not None:  # it will pass; say so once a minute meanwhile
+                self._starved = True
+                _throttled.log(log, logging.ERROR, "spawn", "%s; retrying", self._last_error)
+            else:
+                log.error("%s", self._last_error)
         return initialized
 
     def _forget_child(self, child: _Child) -> None:
@@ -297,6 +333,11 @@ class AppServer:
 
     def _on_notification(self, child: _Child, method: str, params: dict[str, Any]) -> None:
         thread_id = params.get("threadId")
+        if method == "thread/closed" and isinstance(thread_id, str):
+            # The child unloaded it (after our unsubscribe): a next turn resumes it.
+            log.debug("codex closed thread %s", thread_id)
+            child.forget_thread(thread_id)
+            return
         turn = child.turns.get(thread_id) if isinstance(thread_id, str) else None
         if turn is None:
             return
@@ -409,50 +450,95 @@ class AppServer:
         if settings is None:
             settings = TurnSettings(cwd=str(self._config.codex_cwd))
         child = await self._ready_child()
-        notice = None
-        try:
-            if thread_id is None:
-                thread_id = await self._start_thread(child, settings)
-            elif thread_id not in child.loaded_threads:
-                try:
-                    await self._resume_thread(child, thread_id, settings)
-                except RpcError as exc:
-                    log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
+        if thread_id is None:
+            thread_id = await self._load_thread(child, None, settings)
+        # Loading happens under the thread's lock, so it cannot interleave with
+        # an unload of the same thread (or a second load).
+        lock = self._thread_locks.setdefault(thread_id, trio.Lock())
+        async with lock:
+            notice = None
+            if thread_id not in child.loaded_threads:
+                wanted = thread_id
+                thread_id = await self._load_thread(child, thread_id, settings)
+                if thread_id != wanted:
                     notice = (
                         "The previous Codex conversation could not be resumed; started a new one."
                     )
-                    thread_id = await self._start_thread(child, settings)
+            child.idle_since.pop(thread_id, None)  # in use: not to be unloaded
+            try:
+                return await self._turn(
+                    child,
+                    thread_id,
+                    prompt,
+                    settings,
+                    notice,
+                    on_change,
+                    on_approval,
+                    on_turn,
+                    cancel,
+                )
+            finally:
+                child.set_idle(thread_id)
+
+    async def _load_thread(
+        self, child: _Child, thread_id: str | None, settings: TurnSettings
+    ) -> str:
+        """Start a new thread (None) or resume `thread_id`; the id of the loaded one.
+
+        A thread that cannot be resumed is replaced by a new one (the caller
+        tells the person).
+        """
+        try:
+            if thread_id is None:
+                return await self._start_thread(child, settings)
+            try:
+                await self._resume_thread(child, thread_id, settings)
+                return thread_id
+            except RpcError as exc:
+                log.warning("cannot resume thread %s (%s); starting a new one", thread_id, exc)
+                return await self._start_thread(child, settings)
         except PeerClosed:
             raise AppServerUnavailable("the Codex app-server crashed") from None
         except RpcError as exc:
             raise AppServerUnavailable(f"the Codex app-server refused the thread: {exc}") from None
 
-        lock = self._thread_locks.setdefault(thread_id, trio.Lock())
-        async with lock:
-            turn = Turn(thread_id, on_change=on_change, on_approval=on_approval)
-            child.turns[thread_id] = turn
-            on_turn(turn)
-            if cancel.is_set():  # cancelled while waiting for the app-server or the thread
+    async def _turn(
+        self,
+        child: _Child,
+        thread_id: str,
+        prompt: str,
+        settings: TurnSettings,
+        notice: str | None,
+        on_change: Callable[[], None],
+        on_approval: ApprovalHandler,
+        on_turn: Callable[[Turn], None],
+        cancel: trio.Event,
+    ) -> TurnOutcome:
+        """One turn on a loaded thread, its lock held."""
+        turn = Turn(thread_id, on_change=on_change, on_approval=on_approval)
+        child.turns[thread_id] = turn
+        on_turn(turn)
+        if cancel.is_set():  # cancelled while waiting for the app-server or the thread
+            del child.turns[thread_id]
+            return TurnOutcome("interrupted", "", thread_id, None, {}, notice)
+        try:
+            result = await child.peer.request(
+                "turn/start", self._turn_params(thread_id, prompt, settings)
+            )
+            turn.turn_id = (result or {}).get("turn", {}).get("id")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._interrupt_on, cancel, child, turn)
+                await turn.finished.wait()
+                nursery.cancel_scope.cancel()
+        except PeerClosed:
+            turn.finish("failed", "the Codex app-server crashed")
+        finally:
+            if child.turns.get(thread_id) is turn:
                 del child.turns[thread_id]
-                return TurnOutcome("interrupted", "", thread_id, None, {}, notice)
-            try:
-                result = await child.peer.request(
-                    "turn/start", self._turn_params(thread_id, prompt, settings)
-                )
-                turn.turn_id = (result or {}).get("turn", {}).get("id")
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._interrupt_on, cancel, child, turn)
-                    await turn.finished.wait()
-                    nursery.cancel_scope.cancel()
-            except PeerClosed:
-                turn.finish("failed", "the Codex app-server crashed")
-            finally:
-                if child.turns.get(thread_id) is turn:
-                    del child.turns[thread_id]
-                if not turn.finished.is_set():
-                    # We are being cancelled (timeout/shutdown): stop the turn, bounded.
-                    with trio.CancelScope(shield=True), trio.move_on_after(INTERRUPT_WAIT_S):
-                        await self._interrupt(child, turn)
+            if not turn.finished.is_set():
+                # We are being cancelled (timeout/shutdown): stop the turn, bounded.
+                with trio.CancelScope(shield=True), trio.move_on_after(INTERRUPT_WAIT_S):
+                    await self._interrupt(child, turn)
         return TurnOutcome(
             status=turn.status or "failed",
             text=turn.text,
@@ -514,6 +600,52 @@ class AppServer:
             {"threadId": thread_id, "excludeTurns": True, **self._thread_params(settings)},
         )
         child.loaded_threads.add(thread_id)
+
+    # ------------------------------------------------------------------ idle threads
+
+    async def _unload_idle_threads(self, child: _Child) -> None:
+        """Unload each of `child`'s threads once it has been idle `thread_idle_unload_s`."""
+        idle_s = self._config.thread_idle_unload_s
+        if idle_s <= 0:
+            return
+        while True:
+            now = trio.current_time()
+            for thread_id, since in list(child.idle_since.items()):
+                if since + idle_s <= now:
+                    await self._unload(child, thread_id, now - since)
+            next_at = min((since + idle_s for since in child.idle_since.values()), default=math.inf)
+            child.idle_changed = trio.Event()
+            with trio.move_on_at(next_at):
+                await child.idle_changed.wait()
+
+    async def _unload(self, child: _Child, thread_id: str, idle: float) -> None:
+        lock = self._thread_locks.setdefault(thread_id, trio.Lock())
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            return  # a turn is about to use it; it is idle again afterwards
+        try:
+            if thread_id in child.turns or thread_id not in child.idle_since:
+                return
+            # Forgotten first: from now on a prompt for it resumes it (after this
+            # unsubscribe, which holds its lock).
+            child.forget_thread(thread_id)
+            try:
+                await child.peer.request("thread/unsubscribe", {"threadId": thread_id})
+            except RpcError as exc:
+                log.info("unloading thread %s: %s", thread_id, exc)
+                return
+            except PeerClosed:
+                return
+            log.info(
+                "thread %s idle for %.0f s: unloaded (its next message resumes it)",
+                thread_id,
+                idle,
+            )
+        finally:
+            lock.release()
+            if not lock.locked() and self._thread_locks.get(thread_id) is lock:
+                del self._thread_locks[thread_id]  # nobody waits for it: no lock kept per thread
 
 
 def _version_from_user_agent(info: Any) -> str:

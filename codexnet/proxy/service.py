@@ -84,10 +84,13 @@ from codexnet.proxy.queries import answer_query, answer_read
 from codexnet.proxy.server_requests import Approval
 from codexnet.proxy.store import ProxyStore, StoredTask
 from codexnet.proxy.workspace import Workspace, WorkspaceError, safe_file_name
+from codexnet.ratelog import Throttle
+from codexnet.resource_errors import resource_problem
 from codexnet.statelock import hold_state_lock
 from codexnet.wsclient import connect_websocket
 
 log = logging.getLogger(__name__)
+_throttled = Throttle()
 
 HELLO_TIMEOUT_S: Final = 15.0
 RECONNECT_BACKOFF_S: Final = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -209,9 +212,20 @@ class ProxyService:
                 held_off = _close_code(group) in HELD_OFF_CLOSE_CODES
                 log.warning("connection to the manager closed: %s", _close_reason(group))
             except* (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
-                log.warning(
-                    "cannot reach the manager at %s: %s", self._config.manager_ws, _first(group)
-                )
+                problem = resource_problem(group)
+                if problem is not None:  # our fault, not the network's: once a minute
+                    _throttled.log(
+                        log,
+                        logging.WARNING,
+                        "connect",
+                        "cannot reach the manager at %s: %s",
+                        self._config.manager_ws,
+                        problem,
+                    )
+                else:
+                    log.warning(
+                        "cannot reach the manager at %s: %s", self._config.manager_ws, _first(group)
+                    )
             except* ProtocolError as group:
                 log.error("manager sent a bad frame: %s", _first(group))
             except* LinkDead as group:

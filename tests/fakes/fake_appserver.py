@@ -12,7 +12,14 @@ the handful of methods the proxy uses. The prompt text picks the behaviour:
     anything     echo: "Echo: <prompt>"
 
 With FAKE_APPSERVER_TURNS set, every prompt a turn starts with is appended to
-that file, one per line: how often "the model" was asked.
+that file, one per line: how often "the model" was asked. With
+FAKE_APPSERVER_CALLS set, every thread method is appended to that file as
+"<method> <threadId>".
+
+Threads are loaded by `thread/start` and `thread/resume`; `thread/unsubscribe`
+unloads one at once and says `thread/closed` (codex 0.169.0 does so about a
+minute later); `turn/start` on a thread that is not loaded fails as on an
+unknown one.
 """
 
 from __future__ import annotations
@@ -37,11 +44,20 @@ def read() -> dict[str, Any] | None:
     return json.loads(line)  # type: ignore[no-any-return]
 
 
+def note_call(method: str, thread_id: str) -> None:
+    if os.environ.get("FAKE_APPSERVER_CALLS"):
+        with open(os.environ["FAKE_APPSERVER_CALLS"], "a", encoding="utf-8") as log:
+            log.write(f"{method} {thread_id}\n")
+
+
 def main() -> None:
-    threads: set[str] = set()
+    threads: set[str] = set()  # known (on disk)
+    loaded: set[str] = set()
     print("fake app-server starting", file=sys.stderr, flush=True)
     while (message := read()) is not None:
         method, params, rid = message.get("method"), message.get("params") or {}, message.get("id")
+        if isinstance(method, str) and method.startswith(("thread/", "turn/")):
+            note_call(method, str(params.get("threadId", "")))
         if method == "initialize":
             send({"id": rid, "result": {"userAgent": "codexnet/0.0-fake (test)"}})
         elif method == "initialized":
@@ -49,10 +65,13 @@ def main() -> None:
         elif method == "thread/start":
             thread_id = str(uuid.uuid4())
             threads.add(thread_id)
+            loaded.add(thread_id)
+            note_call("started", thread_id)
             send({"id": rid, "result": {"thread": {"id": thread_id, "cwd": params.get("cwd")}}})
         elif method == "thread/resume":
             if params["threadId"] in threads or params["threadId"].startswith("keep-"):
                 threads.add(params["threadId"])
+                loaded.add(params["threadId"])
                 send({"id": rid, "result": {"thread": {"id": params["threadId"]}}})
             else:
                 send(
@@ -64,8 +83,19 @@ def main() -> None:
                         },
                     }
                 )
+        elif method == "thread/unsubscribe":
+            if params["threadId"] in loaded:
+                loaded.discard(params["threadId"])
+                send({"id": rid, "result": {"status": "unsubscribed"}})
+                send({"method": "thread/closed", "params": {"threadId": params["threadId"]}})
+            else:
+                send({"id": rid, "result": {"status": "notLoaded"}})
         elif method == "turn/start":
-            run_turn(rid, params)
+            if params["threadId"] in loaded:
+                run_turn(rid, params)
+            else:
+                error = {"code": -32600, "message": f"thread not found: {params['threadId']}"}
+                send({"id": rid, "error": error})
         elif method == "turn/interrupt":
             send({"id": rid, "error": {"code": -32600, "message": "no active turn to interrupt"}})
         else:

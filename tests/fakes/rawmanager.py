@@ -55,6 +55,12 @@ class Link:
                 return frame
             self._unclaimed.append(frame)
 
+    async def cut(self) -> None:
+        """Cut the TCP connection at once, no close handshake (a crashed manager):
+        our socket is closed before the proxy even sees the link end."""
+        await trio.aclose_forcefully(self.ws._stream)
+        self.closed.set()
+
     async def drop(self) -> None:
         """Close the link (the proxy reconnects)."""
         with trio.move_on_after(2):
