@@ -41,13 +41,14 @@ from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import route_for
-from codexnet.manager.scheduler import MAX_MODE_CHARS, ModeError, members, mode_text, parse_mode
+from codexnet.manager.scheduler import ModeError, members, mode_text, parse_mode
 from codexnet.manager.store import ManagerStore
 from codexnet.manager.workspace_commands import WorkspaceCommands
 
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_DATA: Final = 64  # bytes, Telegram's limit
+MAX_RUNS_PER_CHAT: Final = 3  # open /all runs in one conversation (each asks every machine)
 TAG_BYTES: Final = 9  # of the HMAC in a `u:` button: 72 bits, 12 characters
 NO_LONGER_VALID: Final = "This button is no longer valid."
 FINISHED: Final = "That task has already finished."
@@ -224,7 +225,7 @@ class ChatCommands:
         pool = list(fleet.values())
         if spec:
             try:
-                mode = parse_mode(spec[: MAX_MODE_CHARS + 1], self._hub.known())
+                mode = parse_mode(spec, self._hub.known())
             except ModeError as exc:
                 self.reply(ctx, str(exc))
                 return
@@ -240,6 +241,11 @@ class ChatCommands:
             return
         if ctx.update_id is not None and ctx.update_id in self._store.updates:
             log.info("update %s was journalled before a restart; not run again", ctx.update_id)
+            return
+        if len(self._store.runs(ctx.key)) >= MAX_RUNS_PER_CHAT:
+            self.reply(
+                ctx, f"{MAX_RUNS_PER_CHAT} /all runs are open here already; wait or /cancel."
+            )
             return
         await self._conversations.submit_all(
             ctx.chat_id, ctx.topic, prompt.strip(), targets, update_id=ctx.update_id
