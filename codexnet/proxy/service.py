@@ -255,7 +255,8 @@ class ProxyService:
             await trio.sleep(delay * random.uniform(0.7, 1.3))
 
     async def _session(self, ws: WebSocketConnection, tasks: trio.Nursery) -> None:
-        await ws.send_message(encode(self._hello()))
+        hello = self._hello()
+        await ws.send_message(encode(hello))
         with trio.fail_after(HELLO_TIMEOUT_S):
             first = decode_manager_frame(await ws.get_message())
         if not isinstance(first, Welcome):
@@ -269,7 +270,7 @@ class ProxyService:
         self.welcomed.set()
         async with trio.open_nursery() as session:
             session.start_soon(self._heartbeat, ws)
-            session.start_soon(self._report_health)
+            session.start_soon(self._report_health, (hello.health, hello.health_detail))
             await self._replay()
             while True:
                 raw = await ws.get_message()
@@ -367,11 +368,17 @@ class ProxyService:
             health_detail=self._app.health_detail[:200],
         )
 
-    async def _report_health(self) -> None:
-        """Tell the manager at once when the app-server stops or comes back."""
+    async def _report_health(self, told: tuple[str, str]) -> None:
+        """Tell the manager at once when the app-server stops or comes back
+        (`told`: what the hello said; a change since then goes out first)."""
         while True:
-            await self._app.health_changed.wait()
-            await self._send(self._load())
+            changed = self._app.health_changed
+            now = (self._app.health, self._app.health_detail[:200])
+            if now != told:
+                told = now
+                await self._send(self._load())
+                continue
+            await changed.wait()
 
     async def _replay(self) -> None:
         """After a (re)connect: resend unacknowledged results and the live state."""
