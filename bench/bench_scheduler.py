@@ -17,6 +17,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import statistics
 import sys
@@ -219,6 +220,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.ERROR)  # the simulated proxies' goodbyes are not news
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--proxies", type=int, default=1000)
     parser.add_argument("--decisions", type=int, default=2000)
