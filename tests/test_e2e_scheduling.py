@@ -219,8 +219,27 @@ async def test_all_asks_every_machine_once_and_leaves_the_conversation_alone(
         stack.telegram.push_message(USER, "/all [[slow:40]]")
         with trio.fail_after(60):
             await stack.model.wait_requests(n + 3)
+
+        # One live view for the run (a private chat: in the draft), a line per machine.
+        def every_machine_shown() -> bool:
+            return any(
+                text.startswith("⏳ /all · ")
+                and all(f"\n{p}: " in text for p in MACHINES)
+                and "tick" not in text.split("\n")[0]
+                for texts_ in stack.telegram.drafts(USER).values()
+                for text in texts_
+            )
+
+        await until(stack, every_machine_shown)
         stack.telegram.push_message(USER, "/cancel")
         await until(stack, lambda: sum("Cancelled" in t for t in texts(stack)[before:]) == 3)
+        await until(
+            stack,
+            lambda: any(
+                (m.text or "").startswith("⏹ Cancelled · 0/3 machines answered · /all · ")
+                for m in stack.telegram.messages(USER)
+            ),
+        )
     assert stack.telegram.stats.too_many_requests == 0
 
 
