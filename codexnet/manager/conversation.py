@@ -541,9 +541,21 @@ class Conversations:
             )
             task.view_key = view_key
             tasks.append(task)
+        failed: list[StateError] = []
+
+        async def add(task: TaskRecord) -> None:
+            try:
+                await self._store.add_task(task)
+            except StateError as exc:  # raised plain below: the bot retries the update
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:  # together: one group commit, not N
+            for task in tasks:
+                nursery.start_soon(add, task)
+        if failed:
+            raise failed[0]
         for task in tasks:
-            await self._store.add_task(task)
-            self._store.save_view(task)
+            self._store.save_view(task)  # the shared Cancel key
         self._wake_run(run_id)
         return run_id
 
