@@ -283,7 +283,14 @@ async def test_bad_scheduling_input_is_one_line_and_nothing_is_dispatched(stack:
         for command, line in cases.items():
             new = await say(stack, command, expect=line.split(" ")[0])
             assert new == [line]
-    assert stack.model.requests == []
+        assert stack.model.requests == []
+        # Runs that ask every machine are bounded per conversation.
+        for _ in range(3):
+            stack.telegram.push_message(USER, "/all [[slow:40]]")
+        new = await say(stack, "/all one more", expect="/all runs are open")
+        assert new == ["3 /all runs are open here already; wait or /cancel."]
+        await say(stack, "/cancel", expect="Cancelled")
+    assert "one more" not in [r.last_user_text for r in stack.model.requests]
 
 
 async def test_a_prompt_queued_at_the_manager_survives_a_manager_restart(stack: Stack) -> None:
