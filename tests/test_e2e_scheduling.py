@@ -314,3 +314,50 @@ async def test_a_prompt_queued_at_the_manager_survives_a_manager_restart(stack: 
         "[[slow:8]]",
         "[[reply:after the restart]]",
     ]
+
+
+async def test_an_all_run_survives_a_manager_restart(stack: Stack) -> None:
+    listen = ("127.0.0.1", free_port())
+    machines = [
+        {**MACHINES[p], "proxy_id": p, "proxy_token": TOKENS[p]} for p in ("proxy1", "proxy2")
+    ]
+    async with AsyncExitStack() as running:
+        for settings in machines:
+            await running.enter_async_context(stack.proxy(port=listen[1], machine=True, **settings))
+        async with manager(stack, manager_ws_listen=listen) as hub:
+            with trio.fail_after(60):
+                while not all(
+                    (c := hub.hub.online.get(p)) is not None and c.health == "ok"
+                    for p in ("proxy1", "proxy2")
+                ):
+                    await hub.hub.wait_change()
+            n = len(stack.model.requests)
+            stack.telegram.push_message(USER, "/all [[slow:8]]")
+            with trio.fail_after(60):
+                await stack.model.wait_requests(n + 2)
+            # Its one view is up before the manager stops.
+            await until(
+                stack,
+                lambda: any((m.text or "").startswith("⏳") for m in stack.telegram.messages(USER)),
+            )
+        async with manager(stack, manager_ws_listen=listen):
+            await until(stack, lambda: sum("tick 8" in t for t in texts(stack)) == 2)
+            await until(
+                stack,
+                lambda: any(
+                    (m.text or "").startswith("✅ Done · 2/2 machines answered · /all · ")
+                    for m in stack.telegram.messages(USER)
+                ),
+            )
+    assert sorted(t.split("\n")[0] for t in texts(stack) if "tick 8" in t) == [
+        "🖥 proxy1",
+        "🖥 proxy2",
+    ]
+    assert [r.last_user_text for r in stack.model.requests].count("[[slow:8]]") == 2
+    # The same status message was closed after the restart: none is left at "⏳".
+    views = [
+        m.text or ""
+        for m in stack.telegram.messages(USER)
+        if m.history or (m.text or "")[:1] == "⏳"
+    ]
+    assert [text.split(" · ")[0] for text in views] == ["✅ Done"]

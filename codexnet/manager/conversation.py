@@ -576,15 +576,21 @@ class Conversations:
             first = next((t for t in tasks if t.view_message_id is not None), tasks[0])
             view = self._make_view(first, shared=tasks)
             view.proxy_id = "/all"
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(view.run)
-                async with trio.open_nursery() as members:
-                    for task in tasks:
-                        members.start_soon(self._run_member, task, board, view)
-                nursery.cancel_scope.cancel()
-            until = trio.current_time() + self._config.delivery_give_up_s
-            with self._grace.protect():
-                await view.finish(board.final_line(), until=until)
+            async with trio.open_nursery() as members:
+                for task in tasks:
+                    members.start_soon(self._run_member, task, board, view)
+                # The view closes once every machine has finished, while the
+                # answers are still being delivered: should the manager stop
+                # before it is closed, the run's tasks are still open and the
+                # next start closes it.
+                async with trio.open_nursery() as showing:
+                    showing.start_soon(view.run)
+                    while not board.all_finished():
+                        await board.changed.wait()
+                    showing.cancel_scope.cancel()
+                until = trio.current_time() + self._config.delivery_give_up_s
+                with self._grace.protect():
+                    await view.finish(board.final_line(), until=until)
         finally:
             self._active_runs.discard(run_id)
 
@@ -621,6 +627,14 @@ class RunBoard:
 
     def __init__(self, tasks: list[TaskRecord]) -> None:
         self.tasks = tasks
+        self.changed = trio.Event()  # replaced on every update of a line
+
+    def all_finished(self) -> bool:
+        return all(t.state in ("finished", "done") for t in self.tasks)
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def line(self, task: TaskRecord, view: LiveView) -> _BoardLine:
         return _BoardLine(self, task, view)
@@ -665,3 +679,4 @@ class _BoardLine:
             self._task.step = step
         finished = sum(1 for t in self._board.tasks if t.state in ("finished", "done"))
         self._view.update(self._board.render(), f"{finished}/{len(self._board.tasks)} finished")
+        self._board.poke()
