@@ -41,7 +41,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         and config.pluginmanager.has_plugin("xdist")
         and not os.environ.get("PYTEST_XDIST_WORKER")
     ):
-        option.numprocesses = 2 * (os.cpu_count() or 1)
+        option.numprocesses = min(8, 2 * (os.cpu_count() or 1))  # more only adds start-up
 
 
 @pytest.fixture
