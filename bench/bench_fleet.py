@@ -627,12 +627,13 @@ async def hub_scale(
             user1, sys1 = cpu_split(pid)
             elapsed = time.monotonic() - t0
         share, user = (user1 + sys1 - user0 - sys0) / elapsed, (user1 - user0) / elapsed
-        pings = 2 * biggest / 10
+        pings = biggest / 10
         rows.append(
             Row(
                 f"{biggest} proxies idle: heartbeats' CPU ({heartbeat_window:.0f} s window)",
                 f"{share * 100:.1f} % of one core ({user * 100:.1f} % user)",
-                f"~{pings:.0f} pings/s and as many pongs (each side pings every ~10 s); "
+                f"~{pings:.0f} pings/s from the proxies and as many pongs (a proxy pings every "
+                "~10 s; the hub counts them as heard and pings each only every 2 min); "
                 "target ≤ 5 %",
             )
         )
