@@ -589,8 +589,10 @@ class Conversations:
                         await board.changed.wait()
                     showing.cancel_scope.cancel()
                 until = trio.current_time() + self._config.delivery_give_up_s
-                with self._grace.protect():
+                with self._grace.protect() as step:
                     await view.finish(board.final_line(), until=until)
+                if not step.cancelled_caught:
+                    board.view_closed.set()
         finally:
             self._active_runs.discard(run_id)
 
@@ -612,6 +614,11 @@ class Conversations:
                     await self._watch(task, line, until=math.inf)
                 elif task.state == "finished":
                     line.update(task.text, "")
+                    if line.board.all_finished():
+                        # The last to finish keeps its task open until the run's
+                        # view is closed: a restart in between would find no open
+                        # task of the run and leave its view at "⏳".
+                        await line.board.view_closed.wait()
                     await self._delivery.deliver(task, None)
             except StateError as exc:
                 log.error("%s; task %s waits and tries again", exc, task.task_id)
@@ -628,6 +635,7 @@ class RunBoard:
     def __init__(self, tasks: list[TaskRecord]) -> None:
         self.tasks = tasks
         self.changed = trio.Event()  # replaced on every update of a line
+        self.view_closed = trio.Event()  # its final line is in the chat
 
     def all_finished(self) -> bool:
         return all(t.state in ("finished", "done") for t in self.tasks)
@@ -673,6 +681,10 @@ FINISHED_WORDS: Final = {
 class _BoardLine:
     def __init__(self, board: RunBoard, task: TaskRecord, view: LiveView) -> None:
         self._board, self._task, self._view = board, task, view
+
+    @property
+    def board(self) -> RunBoard:
+        return self._board
 
     def update(self, text: str, step: str) -> None:
         if step:
