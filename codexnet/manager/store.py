@@ -822,6 +822,7 @@ class ManagerStore:
         if parts is not None:
             task.parts_sent = parts
         self._forget(task)
+        task.poke()  # whoever waits for it to end
         self.done.add(task.task_id)
         values = (time.time(), task.parts_sent, task.task_id)
 
