@@ -119,6 +119,9 @@ async def test_a_waiting_pool_task_takes_whichever_machine_frees_up_first(
         await trio.sleep(1)
         assert {t: d.proxy_id for t, d in results.items()} == {"t0": "p1", "t1": "p2"}
         assert steps == {"t2": "queued: 1st for label:linux"}
+        # Waiting for the pool, not for one machine: /status counts it there.
+        assert admission.queued_for_pools() == {"label:linux": 1}
+        assert admission.queued() == {}
         await store.mark_finished(tasks[1], Outcome("completed"))  # p2 frees up first
         admission.pump()
     assert results["t2"].proxy_id == "p2"

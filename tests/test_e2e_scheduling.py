@@ -143,6 +143,9 @@ async def test_label_pools_choose_the_least_loaded_free_machine_and_queue_at_the
         stack.telegram.push_message(GROUPS[3], "[[reply:my turn]]", user_id=USER)
         await until(stack, lambda: shown(stack, GROUPS[3], "queued: 1st for label:linux"))
         assert not any("my turn" in r.last_user_text for r in stack.model.requests)
+        # /status counts it where it waits: for the pool, not for one machine.
+        [status] = await say(stack, "/status", expect="queued at the manager for a pool")
+        assert "⏳ queued at the manager for a pool: 1 for label:linux" in status
         await until(stack, lambda: "my turn" in texts(stack, GROUPS[3]))
         for group in GROUPS[:3]:
             await until(stack, lambda g=group: any("tick 8" in t for t in texts(stack, g)))

@@ -108,6 +108,17 @@ class Admission:
                 counts[d.proxy_id] += 1
         return counts
 
+    def queued_for_pools(self) -> collections.Counter[str]:
+        """Tasks waiting at the manager for any machine of a pool (by "label:a,b" or
+        "any machine"): in no machine's count until one frees up."""
+        counts: collections.Counter[str] = collections.Counter()
+        for waiter in self._waiting.values():
+            d = waiter.decision
+            if waiter.done.is_set() or d is None or d.action != "wait" or d.proxy_id is not None:
+                continue
+            counts[self.chat_for(waiter.task).mode.target] += 1
+        return counts
+
     def machines(self, *, fresh: bool = False) -> dict[str, Machine]:
         """Each machine without its load: rebuilt when the hub reports a change, and
         every `SNAPSHOT_S` by `watch` (late heartbeats and offline times move on their

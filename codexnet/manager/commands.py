@@ -287,6 +287,10 @@ class ChatCommands:
                 f"{m.running}/{m.capacity} running, {queued}, labels: {labels}, "
                 f"{conn.version or 'version unknown'}{rtt}"
             )
+        pools = admission.queued_for_pools()
+        if pools:
+            waiting = ", ".join(f"{n} for {target}" for target, n in sorted(pools.items()))
+            lines.append(f"⏳ queued at the manager for a pool: {waiting}")
         chat = admission.chat_of(ctx.key)
         route = route_for(admission, ctx.key)
         mode = chat.mode
