@@ -12,9 +12,11 @@ import trio
 
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
+from codexnet.manager.service import Manager, run_manager
 from codexnet.manager.telegram import TelegramClient
 from tests.fakes.loglines import logged  # noqa: F401 (a fixture for every test)
-from tests.fakes.stack import BOT_TOKEN, USER
+from tests.fakes.rawproxy import RawProxy, raw_proxy
+from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER, manager_config
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
 
 GROUP = -1000
@@ -42,6 +44,35 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         and not os.environ.get("PYTEST_XDIST_WORKER")
     ):
         option.numprocesses = min(8, 2 * (os.cpu_count() or 1))  # more only adds start-up
+
+
+# The real manager in this process against the fake Bot API over HTTP, and a
+# proxy reduced to its wire protocol: the bot's tests at its real interfaces.
+
+
+@pytest.fixture
+async def telegram(nursery: trio.Nursery) -> FakeTelegram:
+    fake = FakeTelegram(BOT_TOKEN)
+    await nursery.start(fake.serve)
+    fake.add_chat(USER)
+    fake.add_chat(GROUP, chat_type="group", title="team")
+    return fake
+
+
+@pytest.fixture
+async def manager(telegram: FakeTelegram, tmp_path: Path) -> AsyncIterator[Manager]:
+    async with trio.open_nursery() as inner:
+        manager: Manager = await inner.start(
+            run_manager, manager_config(telegram.base_url, tmp_path / "state")
+        )
+        yield manager
+        inner.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def proxy(manager: Manager) -> AsyncIterator[RawProxy]:
+    async with raw_proxy(manager.port, "proxy1", PROXY_TOKEN) as proxy:
+        yield proxy
 
 
 @pytest.fixture

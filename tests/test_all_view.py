@@ -7,37 +7,15 @@ wire protocol.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 import trio
 
-from codexnet.manager.service import Manager, run_manager
+from codexnet.manager.service import Manager
 from codexnet.protocol import Task, TaskAck, TaskResult
 from tests.fakes.rawproxy import raw_proxy
-from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER, manager_config
+from tests.fakes.stack import PROXY_TOKEN, USER
 from tests.fakes.telegram_api import FakeTelegram
 
 PROXY2_TOKEN = "proxy2-secret-token-9876543210"  # tests/fakes/stack.py's manager config
-
-
-@pytest.fixture
-async def telegram(nursery: trio.Nursery) -> FakeTelegram:
-    fake = FakeTelegram(BOT_TOKEN)
-    await nursery.start(fake.serve)
-    fake.add_chat(USER)
-    return fake
-
-
-@pytest.fixture
-async def manager(telegram: FakeTelegram, tmp_path: Path) -> AsyncIterator[Manager]:
-    async with trio.open_nursery() as inner:
-        manager: Manager = await inner.start(
-            run_manager, manager_config(telegram.base_url, tmp_path / "state")
-        )
-        yield manager
-        inner.cancel_scope.cancel()
 
 
 def view_text(telegram: FakeTelegram) -> str | None:

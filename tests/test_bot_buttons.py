@@ -8,13 +8,10 @@ the fake Bot API over HTTP, a proxy reduced to its wire protocol.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 import trio
 
-from codexnet.manager.service import Manager, run_manager
+from codexnet.manager.service import Manager
 from codexnet.protocol import (
     ApprovalDecision,
     ApprovalRequest,
@@ -26,36 +23,11 @@ from codexnet.protocol import (
 )
 from tests.conftest import GROUP
 from tests.fakes.rawproxy import RawProxy, raw_proxy
-from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, STRANGER, USER, manager_config
+from tests.fakes.stack import PROXY_TOKEN, STRANGER, USER
 from tests.fakes.telegram_api import FakeTelegram, StoredMessage
 
 KEY = r"[A-Za-z0-9_-]{12}"  # 72 random bits (token_urlsafe(9))
 NOT_HERE = "This button belongs to another chat."
-
-
-@pytest.fixture
-async def telegram(nursery: trio.Nursery) -> FakeTelegram:
-    fake = FakeTelegram(BOT_TOKEN)
-    await nursery.start(fake.serve)
-    fake.add_chat(USER)
-    fake.add_chat(GROUP, chat_type="group", title="team")
-    return fake
-
-
-@pytest.fixture
-async def manager(telegram: FakeTelegram, tmp_path: Path) -> AsyncIterator[Manager]:
-    async with trio.open_nursery() as inner:
-        manager: Manager = await inner.start(
-            run_manager, manager_config(telegram.base_url, tmp_path / "state")
-        )
-        yield manager
-        inner.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def proxy(manager: Manager) -> AsyncIterator[RawProxy]:
-    async with raw_proxy(manager.port, "proxy1", PROXY_TOKEN) as proxy:
-        yield proxy
 
 
 def buttons(message: StoredMessage) -> list[str]:

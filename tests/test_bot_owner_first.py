@@ -8,7 +8,6 @@ request or frame arrives, measured from when the update was queued.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -28,37 +27,10 @@ from codexnet.protocol import (
 )
 from tests.conftest import GROUP
 from tests.fakes.rawproxy import RawProxy, raw_proxy
-from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, STRANGER, USER, manager_config
+from tests.fakes.stack import BOT_TOKEN, STRANGER, USER, manager_config
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
 
 OWNER_DEADLINE_S = 1.0  # what the owner may wait, whatever else is queued
-
-
-@pytest.fixture
-async def telegram(nursery: trio.Nursery) -> FakeTelegram:
-    fake = FakeTelegram(BOT_TOKEN)
-    await nursery.start(fake.serve)
-    fake.add_chat(USER)
-    fake.add_chat(GROUP, chat_type="group", title="team")
-    return fake
-
-
-@pytest.fixture
-async def manager(
-    telegram: FakeTelegram, tmp_path: Path, nursery: trio.Nursery
-) -> AsyncIterator[Manager]:
-    async with trio.open_nursery() as inner:
-        manager: Manager = await inner.start(
-            run_manager, manager_config(telegram.base_url, tmp_path / "state")
-        )
-        yield manager
-        inner.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def proxy(manager: Manager) -> AsyncIterator[RawProxy]:
-    async with raw_proxy(manager.port, "proxy1", PROXY_TOKEN) as proxy:
-        yield proxy
 
 
 def refusals(telegram: FakeTelegram, chat_id: int) -> list[str]:

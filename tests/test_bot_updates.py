@@ -8,17 +8,15 @@ protocol to see what gets dispatched.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from codexnet.manager.service import Manager, run_manager
+from codexnet.manager.service import Manager
 from codexnet.protocol import Task, TaskAck, TaskResult
-from tests.fakes.rawproxy import RawProxy, raw_proxy
-from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER, manager_config
+from tests.fakes.rawproxy import RawProxy
+from tests.fakes.stack import USER
 from tests.fakes.telegram_api import FakeTelegram
 
 OWNER = {"id": USER, "is_bot": False, "first_name": "Owner"}
@@ -59,30 +57,6 @@ MALFORMED: list[tuple[str, dict[str, Any]]] = [
         {"callback_query": {"id": "q", "from": OWNER, "data": "c:x", "message": 3}},
     ),
 ]
-
-
-@pytest.fixture
-async def telegram(nursery: trio.Nursery) -> FakeTelegram:
-    fake = FakeTelegram(BOT_TOKEN)
-    await nursery.start(fake.serve)
-    fake.add_chat(USER)
-    return fake
-
-
-@pytest.fixture
-async def manager(telegram: FakeTelegram, tmp_path: Path) -> AsyncIterator[Manager]:
-    async with trio.open_nursery() as inner:
-        manager: Manager = await inner.start(
-            run_manager, manager_config(telegram.base_url, tmp_path / "state")
-        )
-        yield manager
-        inner.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def proxy(manager: Manager) -> AsyncIterator[RawProxy]:
-    async with raw_proxy(manager.port, "proxy1", PROXY_TOKEN) as proxy:
-        yield proxy
 
 
 async def finish(proxy: RawProxy, task: Task) -> None:
