@@ -26,6 +26,7 @@ import trio
 from trio_websocket import HandshakeError, WebSocketConnection, wrap_client_stream
 
 from codexnet.protocol import MAX_FRAME_BYTES
+from codexnet.streams import PassThroughStream
 
 
 @asynccontextmanager
@@ -109,18 +110,12 @@ async def _handshake(
     return done[0]
 
 
-class _EndWatch(trio.abc.Stream):
+class _EndWatch(PassThroughStream):
     """A stream that says when the peer ended it (EOF or a reset); otherwise transparent."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ended = trio.Event()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
@@ -131,6 +126,3 @@ class _EndWatch(trio.abc.Stream):
         if not data:
             self.ended.set()
         return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()

@@ -79,6 +79,7 @@ from codexnet.protocol import (
     decode_proxy_frame,
     encode,
 )
+from codexnet.streams import PassThroughStream
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class HubListener(Protocol):
     def proxy_offline(self, conn: ProxyConn) -> None: ...
 
 
-class HeardStream(trio.abc.Stream):
+class HeardStream(PassThroughStream):
     """The socket under a WebSocket, noting when bytes last came from the peer.
 
     trio-websocket answers pings itself and tells nobody; counting bytes here
@@ -116,23 +117,14 @@ class HeardStream(trio.abc.Stream):
     """
 
     def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.heard_at = trio.current_time()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
         if data:
             self.heard_at = trio.current_time()
         return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @attrs.define(eq=False)
