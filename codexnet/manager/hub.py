@@ -614,8 +614,7 @@ class Hub:
 
     async def _read_frames(self, conn: ProxyConn) -> None:
         while True:
-            raw = await conn.ws.get_message()
-            conn.last_heard = trio.current_time()
+            raw = await conn.ws.get_message()  # its bytes were noted by conn.stream
             try:
                 frame = decode_proxy_frame(raw)
                 if isinstance(frame, Hello):
