@@ -87,6 +87,9 @@ class Arrivals:
 
     def add_stored(self, task_id: str) -> None:
         self.stored.add(task_id)
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
@@ -96,8 +99,7 @@ class Arrivals:
 
     def add(self, prompt: str, at: float) -> None:
         self.at.setdefault(prompt, at)
-        self._changed.set()
-        self._changed = trio.Event()
+        self._notify()
 
     async def wait_for(self, prompts: list[str]) -> None:
         while not all(p in self.at for p in prompts):
