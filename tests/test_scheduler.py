@@ -218,3 +218,13 @@ def test_an_ordered_fleet_gives_the_same_answers_sooner() -> None:
         plain = decide(machines, Chat(mode), wait_s=WAIT_S)
         ordered = decide(machines, Chat(mode), wait_s=WAIT_S, ordered=True)
         assert plain.proxy_id == ordered.proxy_id == "c"
+
+
+def test_an_unknown_proxy_in_a_fleet_of_thousands_names_twenty_of_them() -> None:
+    known = {f"m{i:04}" for i in range(5000)}
+    with pytest.raises(ModeError) as info:
+        parse_mode("nope", known)
+    assert str(info.value) == (
+        f"Unknown proxy 'nope'. Known: {', '.join(sorted(known)[:20])} and 4980 more."
+    )
+    assert parse_mode("m4999", known) == Mode("pinned", proxy_id="m4999")

@@ -68,7 +68,7 @@ class Admission:
         self._recent: dict[str, collections.deque[float]] = {}
         self._recent_n: collections.Counter[str] = collections.Counter()
         self._snapshot: dict[str, Machine] | None = None
-        self._snapshot_version = -1
+        self._snapshot_at = 0.0  # trio time of its last whole rebuild
         self.changed = trio.Event()  # replaced after each pump: waiting tasks' places moved
 
     # ------------------------------------------------------------------ the fleet
@@ -120,12 +120,19 @@ class Admission:
         return counts
 
     def machines(self, *, fresh: bool = False) -> dict[str, Machine]:
-        """Each machine without its load: rebuilt when the hub reports a change, and
-        every `SNAPSHOT_S` by `watch` (late heartbeats and offline times move on their
-        own) — not on a decision's path."""
-        if fresh or self._snapshot is None or self._snapshot_version != self._hub.version:
-            self._snapshot = self._build()
-            self._snapshot_version = self._hub.version
+        """Each machine without its load, not rebuilt on a decision's path: the
+        machines the hub reports changed are rebuilt (one each), and all of them
+        once the snapshot is `SNAPSHOT_S` old (late heartbeats and offline times
+        move on their own) or with `fresh`."""
+        now = trio.current_time()
+        if fresh or self._snapshot is None or now - self._snapshot_at >= SNAPSHOT_S:
+            self._hub.take_changed()
+            self._snapshot, self._snapshot_at = self._build(), now
+        elif changed := self._hub.take_changed():
+            wall = time.time()
+            for proxy_id in changed:
+                if proxy_id in self._snapshot:
+                    self._snapshot[proxy_id] = self._machine(proxy_id, wall)
         return self._snapshot
 
     def _build(self) -> dict[str, Machine]:
@@ -135,19 +142,20 @@ class Admission:
             while recent and recent[0] < cutoff:
                 recent.popleft()
                 self._recent_n[proxy_id] -= 1
-        fleet: dict[str, Machine] = {}
-        for proxy_id in self._hub.known():  # in id order (`decide(..., ordered=True)`)
-            conn = self._hub.online.get(proxy_id)
-            since = self._hub.offline_since.get(proxy_id)
-            fleet[proxy_id] = Machine(
-                proxy_id,
-                online=conn is not None,
-                capacity=conn.capacity if conn is not None else self._capacity_seen(proxy_id),
-                labels=frozenset(self._hub.labels(proxy_id)),
-                unhealthy=self._hub.unhealthy(proxy_id),
-                offline_for=0.0 if conn is not None or since is None else wall - since,
-            )
-        return fleet
+        # In id order (`decide(..., ordered=True)`); a rebuilt one keeps its place.
+        return {proxy_id: self._machine(proxy_id, wall) for proxy_id in self._hub.known()}
+
+    def _machine(self, proxy_id: str, wall: float) -> Machine:
+        conn = self._hub.online.get(proxy_id)
+        since = self._hub.offline_since.get(proxy_id)
+        return Machine(
+            proxy_id,
+            online=conn is not None,
+            capacity=conn.capacity if conn is not None else self._capacity_seen(proxy_id),
+            labels=frozenset(self._hub.labels(proxy_id)),
+            unhealthy=self._hub.unhealthy(proxy_id),
+            offline_for=0.0 if conn is not None or since is None else wall - since,
+        )
 
     def load(self) -> Load:
         return Load(self.running(), self.queued(), self._recent_n)
@@ -294,12 +302,13 @@ class Admission:
         return sum(1 for w in self._waiting.values() if not w.done.is_set())
 
     async def watch(self) -> None:
-        """Decide again whenever a proxy comes, goes, or changes health or load;
-        refresh the fleet's state every `SNAPSHOT_S` meanwhile."""
+        """Decide again whenever a proxy comes, goes, or changes health or load, and
+        every `SNAPSHOT_S` meanwhile (a failover may be due by time alone). With
+        nothing waiting there is nothing to decide: the snapshot is brought up to
+        date when the next decision asks for it."""
         while True:
             with trio.move_on_after(SNAPSHOT_S):
                 await self._hub.wait_change()
-            self.machines(fresh=True)
             if self._waiting:
                 self.pump()
 

@@ -41,7 +41,7 @@ from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import route_for
-from codexnet.manager.scheduler import ModeError, members, mode_text, parse_mode
+from codexnet.manager.scheduler import ModeError, known_list, members, mode_text, parse_mode
 from codexnet.manager.store import ManagerStore
 from codexnet.manager.workspace_commands import WorkspaceCommands
 
@@ -206,8 +206,7 @@ class ChatCommands:
             if len(data.encode()) <= MAX_CALLBACK_DATA
         ]
         if not buttons:
-            known = self._hub.known()
-            return f"No proxy is online. Known: {', '.join(known) or 'none'}.", None
+            return f"No proxy is online. Known: {known_list(self._hub.known())}.", None
         return "Pick the machine (or a pool of machines by label) for this chat:", {
             "inline_keyboard": buttons
         }

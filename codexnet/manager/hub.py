@@ -220,7 +220,12 @@ class Hub:
         self.listener: HubListener = _NoListener()
         self.online: dict[str, ProxyConn] = {}
         self._seen: dict[str, ProxyConn] = {}  # the last connection of each proxy (labels)
+        self._known: tuple[str, ...] = tuple(sorted(proxies))
         self.version = 0  # bumped on every change the scheduler cares about
+        # The proxies those changes were about, for the scheduler's snapshot to
+        # rebuild only them (`take_changed`): rebuilding all 5 000 machines on each
+        # of 5 000 registrations cost 50 s of CPU.
+        self._changed_ids: set[str] = set()
         self.offline_since: dict[str, float] = {}  # wall clock; from our start if never seen
         self._online_changed = trio.Event()
         self.port = 0  # the bound port, once serving
@@ -237,8 +242,11 @@ class Hub:
             max_pending_per_address=config.hub_max_pending_per_address,
         )
 
-    def known(self) -> list[str]:
-        return sorted(self._proxies)
+    def known(self) -> tuple[str, ...]:
+        """Every configured proxy id, sorted (asked on every decision: kept sorted once)."""
+        if len(self._known) != len(self._proxies):
+            self._known = tuple(sorted(self._proxies))
+        return self._known
 
     def labels(self, proxy_id: str) -> tuple[str, ...]:
         """The manager's `proxies.<id>.labels` and the proxy's own (from its last hello)."""
@@ -282,8 +290,14 @@ class Hub:
         """Return at the next proxy going online or offline."""
         await self._online_changed.wait()
 
-    def _notify_online_changed(self) -> None:
+    def take_changed(self) -> set[str]:
+        """The proxies that changed since the last call (one reader: the admission)."""
+        changed, self._changed_ids = self._changed_ids, set()
+        return changed
+
+    def _notify_online_changed(self, proxy_id: str) -> None:
         self.version += 1
+        self._changed_ids.add(proxy_id)
         self._online_changed.set()
         self._online_changed = trio.Event()
 
@@ -476,7 +490,7 @@ class Hub:
             self.online[proxy_id] = conn
             self._seen[proxy_id] = conn
             self.offline_since.pop(proxy_id, None)
-            self._notify_online_changed()
+            self._notify_online_changed(proxy_id)
         log.info(
             "proxy %r online from %s (%s, capacity %d)",
             proxy_id,
@@ -496,7 +510,7 @@ class Hub:
             if self.online.get(proxy_id) is conn:
                 del self.online[proxy_id]
                 self.offline_since[proxy_id] = time.time()
-                self._notify_online_changed()
+                self._notify_online_changed(proxy_id)
                 log.warning("proxy %r went offline", proxy_id)
             self.listener.proxy_offline(conn)
 
@@ -524,7 +538,7 @@ class Hub:
                 late = silent > timeout * HEARTBEAT_LATE_FRACTION
                 if late != conn.late:
                     conn.late = late
-                    self._notify_online_changed()  # the scheduler's choice may change
+                    self._notify_online_changed(conn.proxy_id)  # the scheduler's choice may change
                 if silent > timeout:
                     self._half_dead(conn, silent)
                 elif conn.session is not None and not conn.pinging:
@@ -543,7 +557,7 @@ class Hub:
         if self.online.get(conn.proxy_id) is conn:
             del self.online[conn.proxy_id]
             self.offline_since[conn.proxy_id] = time.time()
-            self._notify_online_changed()
+            self._notify_online_changed(conn.proxy_id)
         conn.scope.cancel()
 
     async def _read_hello(self, ws: WebSocketConnection, address: str, peer: str) -> Hello | None:
@@ -634,7 +648,7 @@ class Hub:
                         frame.health,
                         f" ({frame.health_detail})" if frame.health_detail else "",
                     )
-                    self._notify_online_changed()
+                    self._notify_online_changed(conn.proxy_id)
                 continue
             if not await self._tell(conn, self.listener.on_frame(conn, frame)):
                 return

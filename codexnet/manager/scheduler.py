@@ -29,7 +29,7 @@ machine run more than its capacity, and extra tasks wait at the manager.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Final, Literal
 
 import attrs
@@ -130,7 +130,7 @@ class ModeError(ValueError):
     """A `/use` argument or `default_proxy` that is not a mode; the message is one line."""
 
 
-def parse_mode(text: str, known: Iterable[str]) -> Mode:
+def parse_mode(text: str, known: Collection[str]) -> Mode:
     """`proxy1`, `label:a,b` or `auto` → a Mode; `ModeError` with one line if not."""
     text = text.strip()
     if "\n" in text or "\r" in text:
@@ -146,14 +146,23 @@ def parse_mode(text: str, known: Iterable[str]) -> Mode:
         if any(len(label) > MAX_LABEL_CHARS for label in labels):
             raise ModeError(f"A label is at most {MAX_LABEL_CHARS} characters.")
         return Mode("pool", labels=labels)
-    known = sorted(known)
     if text not in known:
         shown = text if len(text) <= 40 else text[:37] + "..."
-        raise ModeError(f"Unknown proxy {shown!r}. Known: {', '.join(known) or 'none'}.")
+        raise ModeError(f"Unknown proxy {shown!r}. Known: {known_list(known)}.")
     return Mode("pinned", proxy_id=text)
 
 
-def effective_mode(chosen: str | None, default: str | None, known: Iterable[str]) -> Mode:
+def known_list(known: Collection[str], most: int = 20) -> str:
+    """The ids for a one-line message: at most `most` of them, so that a fleet of
+    thousands still fits one Telegram message."""
+    names = sorted(known)
+    if not names:
+        return "none"
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def effective_mode(chosen: str | None, default: str | None, known: Collection[str]) -> Mode:
     """The chat's own choice (as stored), else `default_proxy`, else unset."""
     for text in (chosen, default):
         if text:

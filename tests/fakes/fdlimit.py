@@ -11,6 +11,7 @@ gives them back early (the block's end always does), restoring the limit.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 from collections.abc import Iterator
@@ -46,6 +47,11 @@ class Exhausted:
 
 @contextmanager
 def exhausted_fds() -> Iterator[Exhausted]:
+    # A socket an earlier test left to the garbage collector would close in the
+    # middle of the block and hand its descriptor to the code under test.
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd"))
     state = Exhausted(limit=limit)
@@ -56,3 +62,5 @@ def exhausted_fds() -> Iterator[Exhausted]:
         yield state
     finally:
         state.release()
+        if was_enabled:
+            gc.enable()
