@@ -272,3 +272,29 @@ async def test_a_peer_that_never_answers_the_close_is_dropped_after_the_close_de
         assert await closed_by_hub(stream, within=5)
         took = trio.current_time() - started
     assert 0.4 <= took < 2  # the close deadline, not forever
+
+
+async def test_plain_http_is_answered_400_and_logged_once_a_minute(
+    hub: HubRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    for _ in range(3):
+        async with await tcp(hub.port) as stream:
+            await stream.send_all(b"POST /x HTTP/1.1\r\nHost: hub\r\nContent-Length: 0\r\n\r\n")
+            with trio.fail_after(5):
+                response = await stream.receive_some(4096)
+            assert response.startswith(b"HTTP/1.1 400 ")
+            assert await closed_by_hub(stream, within=5)
+    assert hub.hub.notices.total["connections that did not speak WebSocket"] == 3
+    [line] = [
+        r.getMessage() for r in caplog.records if "Request method must be GET" in r.getMessage()
+    ]
+    assert line.startswith("dropping a connection from 127.0.0.1:")
+
+
+def test_a_fleet_coming_online_at_once_is_twenty_lines_and_a_count() -> None:
+    budget = hub_module.LineBudget(20)
+    assert budget.renew(1000.0) == 0  # the first minute starts
+    assert [budget.take() for _ in range(5000)].count(True) == 20
+    assert budget.renew(1030.0) == 0  # not a minute yet
+    assert budget.renew(1060.0) == 4980
+    assert budget.take()  # a fresh minute, a fresh budget

@@ -22,20 +22,24 @@ Each connection is handled behind its own error boundary: a misbehaving proxy
 is logged and disconnected, never allowed to take the server down.
 
 Liveness: any bytes from a proxy count as hearing from it (its frames, and the
-ping it sends every third of `heartbeat_timeout_s`), noted by the socket under
-its WebSocket. One sweep for the whole hub (`_liveness`) checks every
-connection each second: a link silent for half the timeout gets a ping of
-ours (a proxy that does not ping), one silent for the whole timeout is
-half-dead — a sleeping laptop, an expired NAT entry: the proxy is marked
-offline at once and the connection dropped, without waiting for a close
-handshake that cannot come. Besides that the hub pings each proxy only every
-`RTT_EVERY_S`, for the round trip `/status` shows: at 5 000 proxies a ping
-each way every 10 s and a sleeping task per connection cost 40 % of a core.
+ping it sends about every half of `heartbeat_timeout_s`), noted as they are
+read (`hubsocket.ServerWebSocket.heard_at`). One sweep for the whole hub
+(`_liveness`) checks every connection each second: a link silent for 70 % of
+the timeout gets a ping of ours (it missed its own), one silent for the whole
+timeout is half-dead — a sleeping laptop, an expired NAT entry: the proxy is
+marked offline at once and the connection dropped, without waiting for a
+close handshake that cannot come. Besides that the hub pings each proxy only
+every `RTT_EVERY_S`, for the round trip `/status` shows: at 5 000 proxies a
+ping each way every 10 s and a sleeping task per connection cost 40 % of a
+core.
+
+Each connection is one task: trio-websocket's reader task, message channel
+and kept handshake per connection were a third of the hub's memory at 5 000
+proxies (`hubsocket.py` reads in the handler's own task).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hmac
 import logging
@@ -51,16 +55,12 @@ from typing import Final, Protocol
 
 import attrs
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    wrap_server_stream,
-)
+from trio_websocket import ConnectionClosed
 
 from codexnet.config import ManagerConfig, ProxyEntry
 from codexnet.db import StateError
 from codexnet.manager.frontdoor import FrontDoor, Notices, Pending
+from codexnet.manager.hubsocket import HandshakeFailed, ServerWebSocket, read_upgrade
 from codexnet.protocol import (
     CLOSE_BAD_FRAME,
     CLOSE_DUPLICATE,
@@ -79,7 +79,6 @@ from codexnet.protocol import (
     decode_proxy_frame,
     encode,
 )
-from codexnet.streams import PassThroughStream
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +86,18 @@ HANDSHAKE_TIMEOUT_S: Final = 5.0  # accepted → WebSocket (and TLS) handshake d
 HELLO_TIMEOUT_S: Final = 5.0  # handshake done → the hello (a real proxy sends it at once)
 CLOSE_TIMEOUT_S: Final = 2.0  # a close handshake on a dead link never ends: bound it
 DUPLICATE_PROBE_S: Final = 2.0  # how long an online connection has to answer a ping
-RTT_EVERY_S: Final = 120.0  # our own pings, for /status's round trip (the proxy pings us)
+RTT_EVERY_S: Final = 600.0  # our own pings, for /status's round trip (the proxy pings us)
 LIVENESS_SWEEP_MAX_S: Final = 1.0  # how often the sweep looks (at most; a tenth of the timeout)
 ACCEPT_RETRY_S: Final = 0.1
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 DEFAULT_MAX_PENDING_PER_ADDRESS: Final = 32
 CLOSE_STATE_ERROR: Final = 4500
-# The proxy pings every third of heartbeat_timeout_s, and a quiet link is pinged
-# from here at half of it: a link silent for this share of it has missed both,
-# and its proxy is not chosen for new conversations.
-HEARTBEAT_LATE_FRACTION: Final = 0.6
+# The proxy pings every half of heartbeat_timeout_s at most (PROXY_PING_FRACTION);
+# a link silent for HUB_PING_FRACTION of it has missed that ping and gets one of
+# ours; one silent for HEARTBEAT_LATE_FRACTION has missed both, and its proxy is
+# not chosen for new conversations.
+HUB_PING_FRACTION: Final = 0.7
+HEARTBEAT_LATE_FRACTION: Final = 0.8
 
 
 class HubListener(Protocol):
@@ -109,28 +110,10 @@ class HubListener(Protocol):
     def proxy_offline(self, conn: ProxyConn) -> None: ...
 
 
-class HeardStream(PassThroughStream):
-    """The socket under a WebSocket, noting when bytes last came from the peer.
-
-    trio-websocket answers pings itself and tells nobody; counting bytes here
-    makes the proxy's own pings proof of life, so the hub need not ping back.
-    """
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        super().__init__(inner)
-        self.heard_at = trio.current_time()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
-        if data:
-            self.heard_at = trio.current_time()
-        return data
-
-
 @attrs.define(eq=False)
 class ProxyConn:
     proxy_id: str
-    ws: WebSocketConnection
+    ws: ServerWebSocket
     capacity: int
     labels: tuple[str, ...]
     version: str
@@ -140,8 +123,6 @@ class ProxyConn:
     rtt: float | None = None  # seconds, of the last heartbeat
     health: str = "ok"  # its app-server (protocol.Health), from hello and load frames
     health_detail: str = ""
-    stream: HeardStream | None = None  # the socket, which notes when bytes came
-    session: trio.Nursery | None = None  # its handler's nursery (for our pings)
     next_rtt_ping: float = 0.0  # trio time
     pinging: bool = False
     late: bool = False  # its heartbeats are late (the sweep notes the change)
@@ -166,20 +147,25 @@ class ProxyConn:
 
     def silent_for(self, now: float) -> float:
         """Seconds since anything came from the proxy (frames, pings, pongs)."""
-        if self.stream is not None and self.stream.heard_at > self.last_heard:
-            self.last_heard = self.stream.heard_at
+        ws = self.ws  # None in tests that register a connection by hand
+        if ws is not None and ws.heard_at > self.last_heard:
+            self.last_heard = ws.heard_at
         return now - self.last_heard
 
-    async def ping(self) -> None:
-        """Ping; on the pong the round trip is known and the link heard."""
+    async def ping(self, within: float) -> None:
+        """Ping; on the pong the round trip is known and the link heard (bounded by
+        `within`: the sweep drops a link silent for the heartbeat timeout anyway)."""
         self.pinging = True
         sent = trio.current_time()
         try:
-            await self.ws.ping()
+            with trio.move_on_after(within) as waited:
+                await self.ws.ping()
         except ConnectionClosed:
             return
         finally:
             self.pinging = False
+        if waited.cancelled_caught:
+            return
         self.last_heard = trio.current_time()
         self.rtt = self.last_heard - sent
 
@@ -187,6 +173,36 @@ class ProxyConn:
         """Close this connection with `code` (bounded); its reader then ends."""
         await _close(self.ws, code, reason)
         self.scope.cancel()
+
+
+ONLINE_LINES_PER_MINUTE: Final = 20
+
+
+class LineBudget:
+    """At most `per_minute` lines of a kind a minute; `renew` says how many were not
+    written in the minute gone by. A fleet of 5 000 coming back after a restart is one
+    line a minute after the first 20, not 5 000 lines (a tenth of the hub's CPU)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._written = 0
+        self._unwritten = 0
+        self._since = 0.0
+
+    def take(self) -> bool:
+        if self._written < self._per_minute:
+            self._written += 1
+            return True
+        self._unwritten += 1
+        return False
+
+    def renew(self, now: float) -> int:
+        """At each minute's end, a fresh budget and the count of lines not written."""
+        if now - self._since < 60.0:
+            return 0
+        unwritten = self._unwritten
+        self._since, self._written, self._unwritten = now, 0, 0
+        return unwritten
 
 
 class _NoListener:
@@ -229,6 +245,8 @@ class Hub:
         self.offline_since: dict[str, float] = {}  # wall clock; from our start if never seen
         self._online_changed = trio.Event()
         self.port = 0  # the bound port, once serving
+        self._pings: trio.Nursery | None = None  # our pings run here, while serving
+        self._online_lines = LineBudget(ONLINE_LINES_PER_MINUTE)
         started = time.time()
         for proxy_id in proxies:
             self.offline_since[proxy_id] = started
@@ -329,6 +347,7 @@ class Hub:
             bound = raw.socket.getsockname()[1]
             self.port = bound
             async with trio.open_nursery() as nursery:
+                self._pings = nursery
                 nursery.start_soon(self.notices.run)
                 nursery.start_soon(self._liveness)
                 for listener in listeners:
@@ -382,6 +401,13 @@ class Hub:
                 await self._serve_stream(stream, entry, peer)
         except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away: the normal end of a connection
+        except* HandshakeFailed as group:
+            self.notices.note(
+                "connections that did not speak WebSocket",
+                "dropping a connection from %s: %s",
+                peer,
+                group.exceptions[0],
+            )
         except* Exception:
             log.exception("proxy connection failed")
         finally:
@@ -389,33 +415,20 @@ class Hub:
             await trio.aclose_forcefully(stream)
 
     async def _serve_stream(self, stream: trio.abc.Stream, entry: Pending, peer: str) -> None:
-        async with trio.open_nursery() as nursery:  # holds the WebSocket's reader task
-            heard = HeardStream(stream)
-            ws = await self._handshake(nursery, heard, peer)
-            if ws is None:
-                nursery.cancel_scope.cancel()
-                return
-            try:
-                await self._serve_connection(ws, entry, peer, heard)
-            except* ConnectionClosed:
-                pass  # the normal end; caught here, or the nursery would cancel the reader
-            finally:
-                await _close(ws)
-                # The reader task completes the peer's side of the close (an
-                # `aclose` elsewhere may be waiting for it); bounded, as a peer
-                # that never answers must not hold the socket.
-                nursery.cancel_scope.deadline = min(
-                    nursery.cancel_scope.deadline, trio.current_time() + CLOSE_TIMEOUT_S
-                )
+        ws = await self._handshake(stream, peer)
+        if ws is None:
+            return
+        try:
+            await self._serve_connection(ws, entry, peer)
+        except* ConnectionClosed:
+            pass  # the normal end
+        finally:
+            await _close(ws)
 
-    async def _handshake(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str
-    ) -> WebSocketConnection | None:
+    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> ServerWebSocket | None:
         with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-            request = await wrap_server_stream(
-                nursery, stream, message_queue_size=8, max_message_size=MAX_FRAME_BYTES
-            )
-            if _header(request, b"origin") is not None:
+            upgrade = await read_upgrade(stream)
+            if upgrade.header(b"origin") is not None:
                 # Proxies never send Origin; browsers always do: a web page must
                 # not be able to probe the hub from the user's own machine.
                 self.notices.note(
@@ -423,9 +436,9 @@ class Hub:
                     "refusing a connection from %s: it sent an Origin header (a web page?)",
                     peer,
                 )
-                await request.reject(403, body=b"codexnet hub: no browsers\n")
+                await upgrade.reject(403, b"codexnet hub: no browsers\n")
                 return None
-            return await request.accept()
+            return await upgrade.accept(max_message_size=MAX_FRAME_BYTES)
         self.notices.note(
             "connections without a handshake in time",
             "dropping a connection from %s: no WebSocket handshake within %g s",
@@ -434,9 +447,7 @@ class Hub:
         )
         return None
 
-    async def _serve_connection(
-        self, ws: WebSocketConnection, entry: Pending, peer: str, heard: HeardStream | None = None
-    ) -> None:
+    async def _serve_connection(self, ws: ServerWebSocket, entry: Pending, peer: str) -> None:
         hello = await self._read_hello(ws, entry.address, peer)
         if hello is None:
             return
@@ -480,7 +491,6 @@ class Hub:
                 running=len(hello.running),
                 peer=peer,
                 took_over=old is not None,
-                stream=heard,
                 # The first of our pings soon, so /status knows the round trip.
                 next_rtt_ping=trio.current_time()
                 + min(RTT_EVERY_S, self.heartbeat_timeout_s / 3) * random.uniform(0.3, 0.6),
@@ -491,20 +501,18 @@ class Hub:
             self._seen[proxy_id] = conn
             self.offline_since.pop(proxy_id, None)
             self._notify_online_changed(proxy_id)
-        log.info(
-            "proxy %r online from %s (%s, capacity %d)",
-            proxy_id,
-            peer,
-            hello.version or "unknown version",
-            hello.capacity,
-        )
+        if self._online_lines.take():
+            log.info(
+                "proxy %r online from %s (%s, capacity %d)",
+                proxy_id,
+                peer,
+                hello.version or "unknown version",
+                hello.capacity,
+            )
         try:
             with conn.scope:
-                async with trio.open_nursery() as nursery:
-                    conn.session = nursery
-                    if await self._tell(conn, self.listener.proxy_online(conn, hello)):
-                        await self._read_frames(conn)
-                    nursery.cancel_scope.cancel()
+                if await self._tell(conn, self.listener.proxy_online(conn, hello)):
+                    await self._read_frames(conn)
         finally:
             conn.closed.set()
             if self.online.get(proxy_id) is conn:
@@ -533,6 +541,13 @@ class Hub:
             timeout = self.heartbeat_timeout_s
             await trio.sleep(min(LIVENESS_SWEEP_MAX_S, timeout / 10))
             now = trio.current_time()
+            if unlogged := self._online_lines.renew(now):
+                log.info(
+                    "%d more proxies came online in the last minute, not logged one by one "
+                    "(%d online now)",
+                    unlogged,
+                    len(self.online),
+                )
             for conn in list(self.online.values()):
                 silent = conn.silent_for(now)
                 late = silent > timeout * HEARTBEAT_LATE_FRACTION
@@ -541,11 +556,10 @@ class Hub:
                     self._notify_online_changed(conn.proxy_id)  # the scheduler's choice may change
                 if silent > timeout:
                     self._half_dead(conn, silent)
-                elif conn.session is not None and not conn.pinging:
-                    if silent > timeout / 2 or now >= conn.next_rtt_ping:
+                elif self._pings is not None and not conn.pinging:
+                    if silent > timeout * HUB_PING_FRACTION or now >= conn.next_rtt_ping:
                         conn.next_rtt_ping = now + RTT_EVERY_S * random.uniform(0.8, 1.2)
-                        with contextlib.suppress(RuntimeError):  # its handler is ending
-                            conn.session.start_soon(conn.ping)
+                        self._pings.start_soon(conn.ping, timeout)
 
     def _half_dead(self, conn: ProxyConn, silent: float) -> None:
         log.warning(
@@ -560,7 +574,7 @@ class Hub:
             self._notify_online_changed(conn.proxy_id)
         conn.scope.cancel()
 
-    async def _read_hello(self, ws: WebSocketConnection, address: str, peer: str) -> Hello | None:
+    async def _read_hello(self, ws: ServerWebSocket, address: str, peer: str) -> Hello | None:
         raw: str | bytes | None = None
         with trio.move_on_after(HELLO_TIMEOUT_S):
             raw = await ws.get_message()
@@ -698,14 +712,7 @@ def _peer(stream: trio.abc.Stream) -> tuple[str, str]:
     return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
-def _header(request: WebSocketRequest, name: bytes) -> bytes | None:
-    for key, value in request.headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
-async def _close(ws: WebSocketConnection, code: int = 1000, reason: str | None = None) -> None:
+async def _close(ws: ServerWebSocket, code: int = 1000, reason: str | None = None) -> None:
     """Close with `code`, bounded: a peer that never answers the close frame is dropped."""
     with trio.move_on_after(CLOSE_TIMEOUT_S):
         await ws.aclose(code, reason)

@@ -55,6 +55,7 @@ from codexnet.protocol import (
     ID_RE,
     MAX_VERSION_CHARS,
     PROTOCOL_VERSION,
+    PROXY_PING_FRACTION,
     ApprovalDecision,
     ApprovalRequest,
     CancelAck,
@@ -135,8 +136,9 @@ class _Running:
 
 
 def heartbeat_interval(timeout_s: float) -> float:
-    """Seconds until the next ping: a third of the timeout, jittered so a fleet spreads out."""
-    return timeout_s / 3 * random.uniform(0.8, 1.2)
+    """Seconds until the next ping: about half the timeout (`PROXY_PING_FRACTION`),
+    never more, jittered so a fleet spreads out."""
+    return timeout_s * PROXY_PING_FRACTION * random.uniform(0.85, 1.0)
 
 
 class ProxyService:

@@ -4,7 +4,7 @@
 
 Opens COUNT WebSocket connections to the hub, each saying `hello` as proxy
 `p<i>` with token `fleet_token(i)`, and keeps them alive the way a real proxy
-does (a ping every third of the heartbeat timeout, jittered; pongs to the
+does (a ping about every half of the heartbeat timeout, jittered; pongs to the
 hub's pings are trio-websocket's). Each proxy connects from its own loopback
 address (127.0.x.y), as a fleet of machines would: the hub's front door caps
 unregistered connections per address, and one address for thousands of
@@ -38,6 +38,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from codexnet import protocol
+from codexnet.proxy.service import heartbeat_interval
 from codexnet.wsclient import connect_websocket
 
 CONNECT_AT_ONCE = 256  # connections being set up at the same time
@@ -125,11 +126,11 @@ class Fleet:
 
     async def heartbeat(self, ws: WebSocketConnection) -> None:
         timeout = self.heartbeat_s
-        await trio.sleep(random.uniform(0, timeout / 3))  # a fleet that started together spreads
+        await trio.sleep(random.uniform(0, timeout / 2))  # a fleet that started together spreads
         while True:
             with trio.move_on_after(timeout):
                 await ws.ping()
-            await trio.sleep(timeout / 3 * random.uniform(0.8, 1.2))
+            await trio.sleep(heartbeat_interval(timeout))
 
     async def answer(self, ws: WebSocketConnection, task: protocol.Task) -> None:
         prompt = task.prompt
