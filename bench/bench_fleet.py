@@ -59,9 +59,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = f"{ROOT / '.tools/codex/node_modules/.bin'}{os.pathsep}{os.environ['PATH']}"
 
+from codexnet.manager.hub import RTT_EVERY_S  # noqa: E402
 from codexnet.manager.outbox import Outbox, Priority  # noqa: E402
 from codexnet.manager.service import open_store  # noqa: E402
 from codexnet.manager.telegram import TelegramClient  # noqa: E402
+from codexnet.protocol import PROXY_PING_FRACTION  # noqa: E402
 from codexnet.proxy.appserver import AppServer  # noqa: E402
 from codexnet.proxy.jsonrpc import JsonRpcPeer  # noqa: E402
 from tests.fakes.codex_env import find_codex, write_codex_home  # noqa: E402
@@ -627,13 +629,14 @@ async def hub_scale(
             user1, sys1 = cpu_split(pid)
             elapsed = time.monotonic() - t0
         share, user = (user1 + sys1 - user0 - sys0) / elapsed, (user1 - user0) / elapsed
-        pings = biggest / 10
+        every = 30 * PROXY_PING_FRACTION * 0.925  # the mean of heartbeat_interval(30)
+        pings = biggest / every + biggest / RTT_EVERY_S
         rows.append(
             Row(
                 f"{biggest} proxies idle: heartbeats' CPU ({heartbeat_window:.0f} s window)",
                 f"{share * 100:.1f} % of one core ({user * 100:.1f} % user)",
-                f"~{pings:.0f} pings/s from the proxies and as many pongs (a proxy pings every "
-                "~10 s; the hub counts them as heard and pings each only every 2 min); "
+                f"~{pings:.0f} pings/s and as many pongs (a proxy pings every ~{every:.1f} s, "
+                f"the hub each proxy every {RTT_EVERY_S / 60:.0f} min for the round trip); "
                 "target ≤ 5 %",
             )
         )

@@ -14,6 +14,7 @@ from wsproto import WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import (
     AcceptConnection,
+    BytesMessage,
     CloseConnection,
     Event,
     Ping,
@@ -24,7 +25,7 @@ from wsproto.events import (
 
 from codexnet.manager.hubsocket import HandshakeFailed, ServerWebSocket, read_upgrade
 
-LIMIT = 1000
+LIMIT = 100_000
 
 
 async def accepted(stream: trio.abc.Stream) -> ServerWebSocket:
@@ -213,7 +214,7 @@ async def test_a_message_over_the_limit_closes_1009_before_it_is_all_held(
 ) -> None:
     client, server = raw
     for _ in range(3):
-        await client.send(TextMessage(data="x" * 400, message_finished=False))
+        await client.send(TextMessage(data="x" * 40_000, message_finished=False))
     with pytest.raises(ConnectionClosed) as info:
         await server.get_message()
     assert info.value.reason is not None
@@ -299,3 +300,113 @@ async def _read_until_closed(server: ServerWebSocket) -> None:
             await server.get_message()
     except ConnectionClosed:
         return
+
+
+async def test_long_frames_arrive_whole(raw: tuple[RawClient, ServerWebSocket]) -> None:
+    client, server = raw
+    await client.send(BytesMessage(data=b"\x01" * 300))  # a 16-bit length
+    await client.send(TextMessage(data="é" * 35_000))  # 70 000 bytes: a 64-bit length
+    assert await server.get_message() == b"\x01" * 300
+    assert await server.get_message() == "é" * 35_000
+    await server.send_message("y" * 70_000)
+    text = ""
+    while True:  # wsproto hands a long frame over in the pieces it came in
+        part = await client.wait_for(TextMessage)
+        assert isinstance(part, TextMessage)
+        text += part.data
+        if part.message_finished:
+            break
+    assert text == "y" * 70_000
+
+
+def masked(first: int, payload: bytes) -> bytes:
+    """A client frame by hand: first byte (FIN, RSV, opcode), masked payload (< 126)."""
+    mask = b"\x0a\x0b\x0c\x0d"
+    return (
+        bytes((first, 0x80 | len(payload)))
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"\x81\x02hi", 1002),  # not masked
+        (masked(0xC1, b"hi"), 1002),  # a reserved bit (no extension was agreed)
+        (masked(0x83, b"hi"), 1002),  # an unknown opcode
+        (masked(0x80, b"hi"), 1002),  # a continuation of nothing
+        (masked(0x09, b"hi"), 1002),  # a fragmented ping
+        (masked(0x88, b"\x03"), 1002),  # a close frame of one byte
+        (masked(0x88, b"\x03\xed"), 1002),  # close code 1005 may not be sent
+        (masked(0x88, b"\x03\xe8\xff"), 1007),  # a close reason that is not UTF-8
+    ],
+)
+async def test_a_frame_against_the_protocol_closes_with_its_code(
+    raw: tuple[RawClient, ServerWebSocket], frame: bytes, code: int
+) -> None:
+    client, server = raw
+    await client.stream.send_all(frame)
+    with pytest.raises(ConnectionClosed) as info:
+        await server.get_message()
+    assert info.value.reason is not None
+    assert info.value.reason.code == code
+
+
+async def test_a_new_message_inside_a_fragmented_one_closes_1002(
+    raw: tuple[RawClient, ServerWebSocket],
+) -> None:
+    client, server = raw
+    await client.stream.send_all(masked(0x01, b"first ") + masked(0x81, b"second"))
+    with pytest.raises(ConnectionClosed) as info:
+        await server.get_message()
+    assert info.value.reason is not None
+    assert info.value.reason.code == 1002
+
+
+async def test_a_close_without_a_code_is_answered_without_one(
+    raw: tuple[RawClient, ServerWebSocket],
+) -> None:
+    client, server = raw
+    await client.stream.send_all(masked(0x88, b""))
+    with pytest.raises(ConnectionClosed) as info:
+        await server.get_message()
+    assert info.value.reason is not None
+    assert info.value.reason.code == 1005
+    assert await client.stream.receive_some() == b"\x88\x00"
+
+
+UPGRADE = (
+    "GET / HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\r\n"
+)
+
+
+async def test_the_accept_key_and_frames_sent_with_the_request() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    # A client that does not wait for the 101 before its first frame.
+    await client_end.send_all(UPGRADE.format(version=13).encode() + masked(0x81, b"hello"))
+    upgrade = await read_upgrade(server_end)
+    server = await upgrade.accept(max_message_size=LIMIT)
+    response = await client_end.receive_some()
+    assert response.startswith(b"HTTP/1.1 101 ")
+    assert b"\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response  # RFC 6455 1.3
+    assert await server.get_message() == "hello"
+
+
+async def test_a_wrong_websocket_version_gets_426_naming_ours() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    await client_end.send_all(UPGRADE.format(version=8).encode())
+    with pytest.raises(HandshakeFailed):
+        await read_upgrade(server_end)
+    response = await client_end.receive_some()
+    assert response.startswith(b"HTTP/1.1 426 ")
+    assert b"sec-websocket-version: 13\r\n" in response.lower()
+
+
+async def test_a_request_head_over_16_kib_is_refused() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    await client_end.send_all(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000)
+    with pytest.raises(HandshakeFailed):
+        await read_upgrade(server_end)
+    assert (await client_end.receive_some()).startswith(b"HTTP/1.1 431 ")
