@@ -1,6 +1,6 @@
 """Many proxies reduced to the wire protocol, in one process: a fleet for the bench.
 
-    python tests/fakes/fleet.py PORT COUNT [--first 0] [--heartbeat 30]
+    python tests/fakes/fleet.py PORT COUNT [--first 0] [--heartbeat 30] [--capacity 4]
 
 Opens COUNT WebSocket connections to the hub, each saying `hello` as proxy
 `p<i>` with token `fleet_token(i)`, and keeps them alive the way a real proxy
@@ -75,7 +75,10 @@ def answer_text(prompt: str) -> str:
 
 
 class Fleet:
-    def __init__(self, port: int, count: int, first: int, heartbeat_s: float) -> None:
+    def __init__(
+        self, port: int, count: int, first: int, heartbeat_s: float, *, capacity: int = 4
+    ) -> None:
+        self.capacity = capacity
         self.port = port
         self.count = count
         self.first = first
@@ -103,7 +106,7 @@ class Fleet:
                     proxy_id=f"p{i}",
                     token=fleet_token(i),
                     protocol=protocol.PROTOCOL_VERSION,
-                    capacity=4,
+                    capacity=self.capacity,
                     version="fleet",
                 )
                 await ws.send_message(protocol.encode(hello))
@@ -155,10 +158,11 @@ def main() -> None:
     parser.add_argument("count", type=int)
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--heartbeat", type=float, default=30.0)
+    parser.add_argument("--capacity", type=int, default=4)
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per proxy
-    fleet = Fleet(args.port, args.count, args.first, args.heartbeat)
+    fleet = Fleet(args.port, args.count, args.first, args.heartbeat, capacity=args.capacity)
     try:
         trio.run(fleet.run)
     except BaseExceptionGroup as group:  # the manager went away: that is how it ends
