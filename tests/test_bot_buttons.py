@@ -11,6 +11,7 @@ import re
 
 import trio
 
+from codexnet.manager.hub import ProxyConn
 from codexnet.manager.service import Manager
 from codexnet.protocol import (
     ApprovalDecision,
@@ -186,3 +187,21 @@ async def test_a_diff_button_works_only_in_its_chat(
     # Nothing was asked of the machine, and nothing sent to either chat.
     assert [f for f in await proxy.nothing_for(0.5) if isinstance(f, ReadFile)] == []
     assert not telegram.calls("sendDocument")
+
+
+async def test_use_in_a_fleet_of_hundreds_offers_the_first_few_and_says_so(
+    telegram: FakeTelegram, manager: Manager, proxy: RawProxy
+) -> None:
+    # Registered as a hello would (the buttons need only the registry): 150 machines
+    # would be 150 buttons, more than Telegram takes ("reply markup is too long").
+    for i in range(149):
+        manager.hub.online[f"m{i:03}"] = ProxyConn(f"m{i:03}", None, 1, (), "test")  # type: ignore[arg-type]
+    telegram.push_message(USER, "/use")
+    offer = await bot_message(telegram, USER, "Pick the machine")
+    assert offer.text == (
+        "Pick the machine (or a pool of machines by label) for this chat — the first 40 of "
+        "150 machines online; /use <name> or /use label:<label> for the others:"
+    )
+    offered = [b.split(":", 2)[2] for b in buttons(offer)]
+    assert offered[:2] == ["m000", "m001"]
+    assert offered[40:] == ["label:linux", "auto"]

@@ -241,6 +241,19 @@ async def test_parse_modes(fake: FakeTelegram, client: httpx.AsyncClient) -> Non
     await ok(client, "sendMessage", chat_id=CHAT, text="Hello\\. *bold*", parse_mode="MarkdownV2")
 
 
+async def test_a_keyboard_of_over_100_buttons_is_too_long(
+    fake: FakeTelegram, client: httpx.AsyncClient
+) -> None:
+    fake.add_chat(CHAT)
+    rows = [[{"text": str(i), "callback_data": str(i)}] for i in range(100)]
+    await ok(client, "sendMessage", chat_id=CHAT, text="k", reply_markup={"inline_keyboard": rows})
+    rows.append([{"text": "one more", "callback_data": "x"}])
+    got = await error(
+        client, "sendMessage", chat_id=CHAT, text="k", reply_markup={"inline_keyboard": rows}
+    )
+    assert got == (400, "Bad Request: reply markup is too long")
+
+
 async def test_callback_data_limit(fake: FakeTelegram, client: httpx.AsyncClient) -> None:
     fake.add_chat(CHAT)
     await ok(client, "sendMessage", chat_id=CHAT, text="k", reply_markup=keyboard("x" * 64))

@@ -48,6 +48,8 @@ from codexnet.manager.workspace_commands import WorkspaceCommands
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_DATA: Final = 64  # bytes, Telegram's limit
+MAX_MACHINE_BUTTONS: Final = 40  # of /use; with the labels' and auto, under Telegram's ~100
+MAX_LABEL_BUTTONS: Final = 20
 MAX_RUNS_PER_CHAT: Final = 3  # open /all runs in one conversation (each asks every machine)
 TAG_BYTES: Final = 9  # of the HMAC in a `u:` button: 72 bits, 12 characters
 NO_LONGER_VALID: Final = "This button is no longer valid."
@@ -182,7 +184,7 @@ class ChatCommands:
         conv.mode = mode_text(mode)
         await self._store.save_conversation(ctx.key)
         online = sum(1 for m in pool if m.online)
-        names = ", ".join(m.proxy_id for m in pool)
+        names = known_list([m.proxy_id for m in pool])
         what = f"the pool {mode_text(mode)}" if mode.kind == "pool" else "any machine (auto)"
         self.reply(
             ctx,
@@ -194,9 +196,12 @@ class ChatCommands:
         return sorted({label for p in self._hub.known() for label in self._hub.labels(p)})
 
     def _use_buttons(self, chat_id: int) -> tuple[str, dict[str, Any] | None]:
-        """Buttons for the online machines, each label, and auto (bound to this chat)."""
-        choices = [(p, p) for p in sorted(self._hub.online)]
-        choices += [(f"🏷 {label}", f"label:{label}") for label in self._labels()]
+        """Buttons for the online machines, each label, and auto (bound to this chat);
+        a fleet of thousands gets the first few of each (Telegram takes ~100 buttons)."""
+        online = sorted(self._hub.online)
+        labels = self._labels()
+        choices = [(p, p) for p in online[:MAX_MACHINE_BUTTONS]]
+        choices += [(f"🏷 {label}", f"label:{label}") for label in labels[:MAX_LABEL_BUTTONS]]
         if choices:
             choices.append(("🔀 auto", "auto"))
         choices = [(text, self._use_button(chat_id, payload)) for text, payload in choices]
@@ -207,9 +212,18 @@ class ChatCommands:
         ]
         if not buttons:
             return f"No proxy is online. Known: {known_list(self._hub.known())}.", None
-        return "Pick the machine (or a pool of machines by label) for this chat:", {
-            "inline_keyboard": buttons
-        }
+        text = "Pick the machine (or a pool of machines by label) for this chat:"
+        cut = []
+        if len(online) > MAX_MACHINE_BUTTONS:
+            cut.append(f"the first {MAX_MACHINE_BUTTONS} of {len(online)} machines online")
+        if len(labels) > MAX_LABEL_BUTTONS:
+            cut.append(f"the first {MAX_LABEL_BUTTONS} of {len(labels)} labels")
+        if cut:
+            text = (
+                "Pick the machine (or a pool of machines by label) for this chat — "
+                f"{' and '.join(cut)}; /use <name> or /use label:<label> for the others:"
+            )
+        return text, {"inline_keyboard": buttons}
 
     async def all(self, ctx: Context, argument: str) -> None:
         usage = "Usage: /all [label:<a>[,<b>]] <prompt> — runs the prompt on every online machine."

@@ -649,7 +649,7 @@ class Hub:
                     raise ProtocolError("hello sent twice")
             except ProtocolError as exc:
                 log.warning("proxy %r sent a bad frame, disconnecting: %s", conn.proxy_id, exc)
-                await conn.ws.aclose(CLOSE_BAD_FRAME, str(exc)[:120])
+                await _close(conn.ws, CLOSE_BAD_FRAME, str(exc)[:120])  # bounded
                 return
             if isinstance(frame, Load):
                 changed = (frame.health, frame.health_detail) != (conn.health, conn.health_detail)

@@ -83,6 +83,9 @@ ERR_METHOD_NOT_FOUND = "Not Found: method not found"
 ERR_TEXT_EMPTY = "Bad Request: message text is empty"
 ERR_TEXT_MUST_BE_NON_EMPTY = "Bad Request: text must be non-empty"
 ERR_MESSAGE_TOO_LONG = "Bad Request: message is too long"
+# Telegram refuses bigger keyboards with "reply markup is too long"; 100 buttons is
+# the bound bots report (the documentation gives none).
+MAX_INLINE_BUTTONS = 100
 ERR_TEXT_TOO_LONG = "Bad Request: text is too long"
 ERR_CAPTION_TOO_LONG = "Bad Request: message caption is too long"
 ERR_PARSE_ENTITIES = "Bad Request: can't parse entities: "
@@ -2127,6 +2130,8 @@ def _reply_markup(raw: Any, *, inline_only: bool) -> dict[str, Any] | None:
                     "Bad Request: can't parse inline keyboard button: InlineKeyboardButton must"
                     " have exactly one of the optional fields"
                 )
+    if sum(len(row) for row in rows) > MAX_INLINE_BUTTONS:
+        raise _bad("Bad Request: reply markup is too long")
     if not any(rows):
         return None
     return {"inline_keyboard": rows}
