@@ -26,6 +26,7 @@ and forum topic) of the message it is under.
 from __future__ import annotations
 
 import base64
+import collections
 import hmac
 import logging
 import time
@@ -41,7 +42,14 @@ from codexnet.manager.conversation import Conversations
 from codexnet.manager.hub import Hub
 from codexnet.manager.replies import Replies
 from codexnet.manager.routing import route_for
-from codexnet.manager.scheduler import ModeError, known_list, members, mode_text, parse_mode
+from codexnet.manager.scheduler import (
+    Machine,
+    ModeError,
+    known_list,
+    members,
+    mode_text,
+    parse_mode,
+)
 from codexnet.manager.store import ManagerStore
 from codexnet.manager.workspace_commands import WorkspaceCommands
 
@@ -50,6 +58,7 @@ log = logging.getLogger(__name__)
 MAX_CALLBACK_DATA: Final = 64  # bytes, Telegram's limit
 MAX_MACHINE_BUTTONS: Final = 40  # of /use; with the labels' and auto, under Telegram's ~100
 MAX_LABEL_BUTTONS: Final = 20
+MAX_STATUS_MACHINES: Final = 30  # lines of /status; a bigger fleet gets its counts first
 MAX_RUNS_PER_CHAT: Final = 3  # open /all runs in one conversation (each asks every machine)
 TAG_BYTES: Final = 9  # of the HMAC in a `u:` button: 72 bits, 12 characters
 NO_LONGER_VALID: Final = "This button is no longer valid."
@@ -283,7 +292,15 @@ class ChatCommands:
         admission = self._conversations.admission
         fleet = admission.fleet()
         lines = []
-        for proxy_id, m in fleet.items():
+        shown = list(fleet.items())
+        if len(shown) > MAX_STATUS_MACHINES:
+            # A fleet of thousands: the counts, then the machines worth a look first
+            # (not chosen, offline, busy), not one line each for 5 000 machines.
+            lines.append(_fleet_summary(list(fleet.values())))
+            shown.sort(key=lambda item: (_attention(item[1]), item[0]))
+            rest = [m for _, m in shown[MAX_STATUS_MACHINES:]]
+            shown = shown[:MAX_STATUS_MACHINES]
+        for proxy_id, m in shown:
             labels = ", ".join(sorted(m.labels)) or "none"
             queued = f"{m.queued} queued"
             if not m.online:
@@ -300,6 +317,10 @@ class ChatCommands:
                 f"{m.running}/{m.capacity} running, {queued}, labels: {labels}, "
                 f"{conn.version or 'version unknown'}{rtt}"
             )
+        if len(fleet) > len(shown):
+            kinds = collections.Counter(_ATTENTION[_attention(m)] for m in rest)
+            parts = ", ".join(f"{kinds[k]} {k}" for k in _ATTENTION if kinds[k])
+            lines.append(f"… and {len(rest)} more: {parts}.")
         pools = admission.queued_for_pools()
         if pools:
             waiting = ", ".join(f"{n} for {target}" for target, n in sorted(pools.items()))
@@ -389,3 +410,28 @@ class ChatCommands:
 
 def _clock(wall: float) -> str:
     return time.strftime("%H:%M", time.localtime(wall))
+
+
+_ATTENTION: Final = ("not chosen", "offline", "busy", "idle")
+
+
+def _attention(m: Machine) -> int:
+    """How much a machine wants a look in /status: not chosen, offline, busy, then idle."""
+    if m.online and m.unhealthy is not None:
+        return 0
+    if not m.online:
+        return 1
+    return 2 if m.running or m.queued else 3
+
+
+def _fleet_summary(machines: list[Machine]) -> str:
+    online = [m for m in machines if m.online]
+    not_chosen = sum(1 for m in online if m.unhealthy is not None)
+    running = sum(m.running for m in online)
+    capacity = sum(m.capacity for m in online)
+    queued = sum(m.queued for m in machines)
+    return (
+        f"{len(machines)} machines: {len(online)} online ({len(online) - not_chosen} healthy, "
+        f"{not_chosen} not chosen), {len(machines) - len(online)} offline; "
+        f"{running}/{capacity} running, {queued} queued."
+    )
