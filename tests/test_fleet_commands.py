@@ -106,3 +106,14 @@ async def test_a_pool_of_a_hundred_names_twenty(
         f"This chat now uses any machine (auto): {names} and 180 more (150 online). Each new "
         "conversation goes to the least-loaded healthy machine."
     )
+
+
+async def test_all_over_more_than_fifty_machines_asks_for_a_label(
+    telegram: FakeTelegram, fleet_manager: Manager
+) -> None:
+    reply = await reply_to(telegram, "/all uptime", "/all would ask")
+    assert reply.text == (
+        "/all would ask 150 machines; at most 50 at once (each answers in a message of its "
+        "own). Narrow it with /all label:<label> <prompt>."
+    )
+    assert fleet_manager.store.runs((USER, 0)) == []  # nothing was started

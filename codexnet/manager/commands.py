@@ -60,6 +60,7 @@ MAX_MACHINE_BUTTONS: Final = 40  # of /use; with the labels' and auto, under Tel
 MAX_LABEL_BUTTONS: Final = 20
 MAX_STATUS_MACHINES: Final = 30  # lines of /status; a bigger fleet gets its counts first
 MAX_RUNS_PER_CHAT: Final = 3  # open /all runs in one conversation (each asks every machine)
+MAX_ALL_MACHINES: Final = 50  # machines one /all asks: their answers come ~1 a second
 TAG_BYTES: Final = 9  # of the HMAC in a `u:` button: 72 bits, 12 characters
 NO_LONGER_VALID: Final = "This button is no longer valid."
 FINISHED: Final = "That task has already finished."
@@ -260,6 +261,17 @@ class ChatCommands:
         if not targets:
             which = f" with {spec}" if spec else ""
             self.reply(ctx, f"No machine{which} is online right now.")
+            return
+        if len(targets) > MAX_ALL_MACHINES:
+            # Each machine's answer is a message of its own, and a chat takes about one a
+            # second: 5 000 answers would fill the chat for an hour and a half.
+            which = f" with {spec}" if spec else ""
+            self.reply(
+                ctx,
+                f"/all{which} would ask {len(targets)} machines; at most {MAX_ALL_MACHINES} "
+                "at once (each answers in a message of its own). Narrow it with "
+                "/all label:<label> <prompt>.",
+            )
             return
         if ctx.update_id is not None and ctx.update_id in self._store.updates:
             log.info("update %s was journalled before a restart; not run again", ctx.update_id)
