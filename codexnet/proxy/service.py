@@ -513,13 +513,13 @@ class ProxyService:
             await trio.to_thread.run_sync(self._workspace.discard_staging, task.task_id)
         self._outbox[task.task_id] = result
         del self._running[task.task_id]
+        await self._send(result)  # before the log line, which is on nobody's way
         log.info(
             "task %s: %s%s",
             task.task_id,
             result.status,
             f" ({result.error})" if result.error else "",
         )
-        await self._send(result)
         await self._send(self._load())
 
     async def _run_within_capacity(self, running: _Running) -> TaskResult:
