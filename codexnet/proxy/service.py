@@ -18,8 +18,8 @@ takes its slot, is marked started, and places them into its working directory
 
 Delivery (docs/ARCHITECTURE.md): a task is stored before its `task_ack`, and
 marked started before its turn starts, so it never runs twice on the model,
-not even across a crash. Results are stored, then sent, and re-sent after every
-reconnect until the manager's `result_ack`. Cancels and approval decisions are
+not even across a crash. Results are stored (committed as they are sent), and
+re-sent after every reconnect until the manager's `result_ack`. Cancels and approval decisions are
 acknowledged (`cancel_ack`, `decision_ack`) and applied once. The live text is
 re-sent as one `snapshot` event after a reconnect.
 """
@@ -504,16 +504,27 @@ class ProxyService:
             nursery.cancel_scope.cancel()
         # No last live update: the result carries the whole text, and the
         # manager shows that instead (an event first would only delay it).
-        # Stored before it is sent; kept until result_ack, even across a restart.
+        # Committed while it is sent, and kept until result_ack, even across a
+        # restart. Sending it first loses nothing: the manager stores a result
+        # before result_ack and drops a repeat, so one that reaches it before
+        # our commit is its answer; a crash before our commit is reported after
+        # the restart as a cut-short task, as when the commit came first, and
+        # if the manager had the result by then that report is a late repeat.
+        stored = None
         try:
-            await self._store.finish(result)
+            stored = self._store.finish(result)
         except StateError as exc:
             log.error("%s; the result of task %s is kept in memory only", exc, task.task_id)
         if task.files:
             await trio.to_thread.run_sync(self._workspace.discard_staging, task.task_id)
         self._outbox[task.task_id] = result
         del self._running[task.task_id]
-        await self._send(result)  # before the log line, which is on nobody's way
+        await self._send(result)
+        if stored is not None:
+            try:
+                await stored.committed()
+            except StateError as exc:
+                log.error("%s; the result of task %s is kept in memory only", exc, task.task_id)
         log.info(
             "task %s: %s%s",
             task.task_id,
