@@ -18,10 +18,10 @@ takes its slot, is marked started, and places them into its working directory
 
 Delivery (docs/ARCHITECTURE.md): a task is stored before its `task_ack`, and
 marked started before its turn starts, so it never runs twice on the model,
-not even across a crash. Results are stored (committed as they are sent), and
-re-sent after every reconnect until the manager's `result_ack`. Cancels and approval decisions are
-acknowledged (`cancel_ack`, `decision_ack`) and applied once. The live text is
-re-sent as one `snapshot` event after a reconnect.
+not even across a crash. Results are stored (committed as they are sent) and
+re-sent after every reconnect until the manager's `result_ack`. Cancels and
+approval decisions are acknowledged (`cancel_ack`, `decision_ack`) and applied
+once. The live text is re-sent as one `snapshot` event after a reconnect.
 """
 
 from __future__ import annotations
