@@ -83,6 +83,20 @@ class _Pending:
     error: StateError | None = None
 
 
+@attrs.define(eq=False)
+class Queued:
+    """A write queued by `Database.begin_write`; `committed()` waits for its commit."""
+
+    _pending: _Pending
+
+    async def committed(self) -> None:
+        """Wait until the write is committed; raises `StateError`."""
+        assert self._pending.done is not None
+        await self._pending.done.wait()
+        if self._pending.error is not None:
+            raise self._pending.error
+
+
 class Database:
     """The database at `path`, brought to the newest schema by `migrations`.
 
@@ -207,14 +221,17 @@ class Database:
 
         `durable`: and until it survives a power cut (`sync`).
         """
-        pending = _Pending(fn, trio.Event())
-        self._queue(pending)
-        assert pending.done is not None
-        await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
+        await self.begin_write(fn).committed()
         if durable:
             await self.sync()
+
+    def begin_write(self, fn: Write) -> Queued:
+        """Queue `fn` now (in order with every other write) and return at once:
+        for a caller with something else to do while it is committed. Raises
+        `StateError` if the writer has stopped."""
+        pending = _Pending(fn, trio.Event())
+        self._queue(pending)
+        return Queued(pending)
 
     def write_soon(self, fn: Write) -> None:
         """Queue `fn` without waiting; a failure is logged (the row was not essential)."""

@@ -15,7 +15,13 @@ import pytest
 import trio
 
 from codexnet.config import ProxyConfig
-from codexnet.proxy.appserver import AppServer, AppServerUnavailable, Turn
+from codexnet.proxy.appserver import (
+    AppServer,
+    AppServerUnavailable,
+    Turn,
+    TurnOutcome,
+    TurnSettings,
+)
 from codexnet.proxy.server_requests import Approval
 
 FAKE = Path(__file__).parent / "fakes" / "fake_appserver.py"
@@ -115,6 +121,48 @@ async def test_model_failure_is_reported(app: AppServer) -> None:
     outcome = await run(app, "fail")
     assert outcome.status == "failed"  # type: ignore[attr-defined]
     assert "high demand" in outcome.error  # type: ignore[attr-defined]
+
+
+async def test_a_turn_names_its_directory_only_when_it_changes(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Codex keeps a turn's cwd for the turns after it (and a cwd in turn/start costs
+    it ~3 ms even when unchanged): a turn says where it runs only when that changed
+    since the thread was loaded or last told."""
+    calls = tmp_path / "calls.log"
+    env = {**os.environ, "FAKE_APPSERVER_CALLS": str(calls)}
+    server = AppServer(proxy_config(tmp_path, fake_codex(tmp_path)), env=env)
+    await nursery.start(server.serve)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+
+    async def pwd(thread_id: str | None, cwd: Path) -> TurnOutcome:
+        with trio.fail_after(30):
+            outcome = await server.run_turn(
+                thread_id,
+                "pwd",
+                on_change=lambda: None,
+                on_approval=never_asked,
+                on_turn=lambda turn: None,
+                cancel=trio.Event(),
+                settings=TurnSettings(cwd=str(cwd)),
+            )
+        assert isinstance(outcome, TurnOutcome)
+        return outcome
+
+    first = await pwd(None, a)  # thread/start names `a`
+    thread = first.thread_id
+    texts = [first.text] + [(await pwd(thread, cwd)).text for cwd in (a, b, b, a)]
+    assert texts == [f"cwd: {d}" for d in (a, a, b, b, a)]
+    starts = [line for line in calls.read_text().splitlines() if line.startswith("turn/start")]
+    assert starts == [
+        f"turn/start {thread}",
+        f"turn/start {thread}",
+        f"turn/start {thread} cwd={b}",
+        f"turn/start {thread}",
+        f"turn/start {thread} cwd={a}",
+    ]
 
 
 async def test_cancel_interrupts_the_turn(app: AppServer, nursery: trio.Nursery) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from codexnet.manager import bot
 from codexnet.manager.service import Manager
 from codexnet.protocol import Task, TaskAck, TaskResult
 from tests.fakes.rawproxy import RawProxy
@@ -131,3 +132,35 @@ async def test_odd_text_is_made_safe_and_still_answered(
         await telegram.wait_until(lambda: bool(telegram.texts(7)))
     assert telegram.texts(7) == ["Sorry, you are not allowed to use this bot (your user id: 7)."]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_batch_is_synced_once_its_prompts_are_acknowledged(
+    telegram: FakeTelegram, manager: Manager, proxy: RawProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's fsync, which the next getUpdates waits for, waits itself for the ack
+    of the prompt it sent (on a shared disk the proxy's fsync for that task would queue
+    behind ours); a proxy that never acknowledges holds it back only briefly."""
+    monkeypatch.setattr(bot, "SYNC_AFTER_ACKS_S", 5.0)
+    syncs = manager.store.db.syncs
+    telegram.push_message(USER, "hello")
+    with trio.fail_after(10):
+        task = await proxy.expect(Task)
+    await trio.sleep(0.2)
+    assert manager.store.db.syncs == syncs  # waiting for the ack
+    assert telegram.pending_updates  # so not confirmed yet
+    await proxy.send(TaskAck(task.task_id))
+    with trio.fail_after(2):
+        await telegram.wait_until(lambda: not telegram.pending_updates)
+    assert manager.store.db.syncs == syncs + 1
+    await proxy.send(TaskResult(task.task_id, "completed", text="hi"))
+    with trio.fail_after(10):
+        await telegram.wait_until(lambda: "hi" in telegram.texts(USER))
+
+    monkeypatch.setattr(bot, "SYNC_AFTER_ACKS_S", 0.3)
+    telegram.push_message(USER, "again")
+    with trio.fail_after(10):
+        await proxy.expect(Task, lambda t: t.prompt == "again")
+    sent = trio.current_time()
+    with trio.fail_after(5):  # never acknowledged
+        await telegram.wait_until(lambda: not telegram.pending_updates)
+    assert trio.current_time() - sent >= 0.2

@@ -19,6 +19,7 @@ from codexnet.protocol import (
     ApprovalRequest,
     CancelAck,
     DecisionAck,
+    Load,
     ResultAck,
     Task,
     TaskAck,
@@ -109,6 +110,25 @@ async def test_a_repeated_task_is_acknowledged_and_run_once(
     with trio.fail_after(20):
         await link.expect(TaskAck)
     assert proxy.asked() == ["hello"]
+
+
+async def test_the_load_counts_a_task_from_its_ack(
+    proxy: Proxy, manager: FakeManager, nursery: trio.Nursery
+) -> None:
+    """The manager hears the new count right after the ack, also for a task that
+    waits for a slot (capacity 2 here), before any turn has ended."""
+    await run(proxy.service(), nursery)
+    link = await manager.accept()
+    for n in (1, 2, 3):
+        await link.send(Task(f"t{n}", 1, "slow"))  # 1.5 s each
+    with trio.fail_after(20):
+        await link.expect(TaskAck, lambda f: f.task_id == "t3")
+        await link.expect(Load, lambda f: f.running == 3)
+        assert not any(isinstance(f, TaskResult) for f in link.received)
+        results = [await link.expect(TaskResult) for _ in range(3)]
+        await link.expect(Load, lambda f: f.running == 0)
+    assert [r.text for r in results] == ["Echo: slow"] * 3
+    assert sorted(proxy.asked()) == ["slow"] * 3
 
 
 async def test_a_result_waits_for_result_ack_across_reconnects_and_a_restart(

@@ -223,3 +223,26 @@ def test_a_second_process_on_the_same_state_dir_is_refused(tmp_path: Path) -> No
             holder.stdout.close()
     with hold_state_lock(tmp_path, "manager"):  # released when that process died
         pass
+
+
+async def test_a_write_begun_is_queued_in_order_and_its_commit_awaited_later(
+    tmp_path: Path,
+) -> None:
+    """`begin_write` queues at once (so a write queued after it comes after it) and
+    `committed()` reports that write's own fate."""
+    db = Database(tmp_path / "x.db", ["CREATE TABLE t (v TEXT)"])
+    db.open()
+    db.write_now(lambda c: c.execute("PRAGMA max_page_count = 10"))
+    async with db.serving():
+        first = db.begin_write(lambda c: c.execute("INSERT INTO t VALUES ('a')"))
+        too_big = db.begin_write(lambda c: c.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,)))
+        db.write_soon(lambda c: c.execute("UPDATE t SET v = 'b' WHERE v = 'a'"))
+        await first.committed()
+        with pytest.raises(StateError, match="disk is full"):
+            await too_big.committed()
+        await db.write(lambda c: c.execute("INSERT INTO t VALUES ('c')"))
+    assert db.read(lambda c: c.execute("SELECT v FROM t ORDER BY rowid").fetchall()) == [
+        ("b",),
+        ("c",),
+    ]
+    db.close()

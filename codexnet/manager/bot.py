@@ -39,7 +39,7 @@ from codexnet.manager.conversation import Conversations
 from codexnet.manager.files import attachment_of, refusal
 from codexnet.manager.outbox import Outbox, Priority
 from codexnet.manager.replies import Replies
-from codexnet.manager.store import Attachment, ManagerStore
+from codexnet.manager.store import Attachment, ManagerStore, TaskRecord
 from codexnet.manager.telegram import (
     RetryAfter,
     TelegramClient,
@@ -62,6 +62,8 @@ REFUSE_EVERY_S: Final = 3600.0  # a stranger is told at most once an hour per ch
 # spend the send budget the owner's replies need (the rest are not told, yet).
 REFUSALS_PER_MINUTE: Final = 20
 ALLOWED_UPDATES: Final = ["message", "callback_query"]
+# How long a batch's fsync waits for the tasks it dispatched to be acknowledged (see _sync).
+SYNC_AFTER_ACKS_S: Final = 0.02
 
 
 class Bot:
@@ -88,6 +90,7 @@ class Bot:
         self._refusals = RecentlyDone(60.0)  # refusals sent in the last minute (by chat)
         self._refusals_held = 0  # strangers not told because of REFUSALS_PER_MINUTE
         self._conflict_logged = -CONFLICT_LOG_EVERY_S
+        self._dispatched: list[TaskRecord] = []  # this batch's prompts sent to a proxy at once
 
     async def start_up(self) -> None:
         """deleteWebhook, getMe, setMyCommands; retried while Telegram is unreachable.
@@ -219,8 +222,19 @@ class Bot:
     async def _sync(self) -> bool:
         """Make the batch's effects survive a power cut before Telegram forgets the updates.
 
-        The next getUpdates confirms them; one fsync for the whole batch.
+        The next getUpdates confirms them; one fsync for the whole batch. It
+        waits first, at most `SYNC_AFTER_ACKS_S`, until the proxies have
+        acknowledged the prompts the batch sent them: each stores its task
+        with an fsync of its own before the turn starts, and where a proxy
+        shares this machine's disk (the usual one-machine set-up) two fsyncs
+        at once both take about one disk commit longer. Theirs is on the way
+        to the answer; ours only holds back the next getUpdates.
         """
+        dispatched, self._dispatched = self._dispatched, []
+        with trio.move_on_after(SYNC_AFTER_ACKS_S):
+            for task in dispatched:
+                while task.state == "sent":
+                    await task.changed.wait()
         try:
             await self._store.db.sync()
         except StateError as exc:
@@ -237,6 +251,7 @@ class Bot:
 
     async def _handle_batch(self, updates: list[dict[str, Any]]) -> bool:
         """Handle one batch, chat by chat; False if some effect could not be stored."""
+        self._dispatched = []
         by_chat: dict[object, list[dict[str, Any]]] = {}
         for update in updates:
             by_chat.setdefault(_chat_of(update), []).append(update)
@@ -300,9 +315,11 @@ class Bot:
         elif update_id in self._store.updates:
             log.info("update %s was journalled before a restart; not run again", update_id)
         else:
-            await self._conversations.submit(
+            task = await self._conversations.submit(
                 chat_id, topic, text, update_id=update_id, message_id=message.get("message_id")
             )
+            if task is not None and task.state == "sent":
+                self._dispatched.append(task)
 
     async def _on_file(
         self, message: dict[str, Any], update_id: int, topic: int, attachment: Attachment

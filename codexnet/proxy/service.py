@@ -18,10 +18,10 @@ takes its slot, is marked started, and places them into its working directory
 
 Delivery (docs/ARCHITECTURE.md): a task is stored before its `task_ack`, and
 marked started before its turn starts, so it never runs twice on the model,
-not even across a crash. Results are stored, then sent, and re-sent after every
-reconnect until the manager's `result_ack`. Cancels and approval decisions are
-acknowledged (`cancel_ack`, `decision_ack`) and applied once. The live text is
-re-sent as one `snapshot` event after a reconnect.
+not even across a crash. Results are stored (committed as they are sent) and
+re-sent after every reconnect until the manager's `result_ack`. Cancels and
+approval decisions are acknowledged (`cancel_ack`, `decision_ack`) and applied
+once. The live text is re-sent as one `snapshot` event after a reconnect.
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ class _Running:
     sent_step: str = ""
     approvals: dict[str, tuple[ApprovalRequest, trio.Event, list[str]]] = attrs.Factory(dict)
     staged: list[Path] = attrs.Factory(list)  # its files, fetched (incoming/)
+    # Its working directory, resolved while it was being stored (see _accept_task),
+    # or why it could not be; None: resolved before the turn.
+    cwd: Path | WorkspaceError | OSError | None = None
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -439,16 +442,31 @@ class ProxyService:
             self._busy += 1
         # Stored before it is acknowledged: once the manager hears task_ack it
         # never sends the task again, so a crash here must not forget it.
-        try:
-            await self._store.accept(task, accepted, started=start_now)
-        except StateError as exc:
+        # Meanwhile a task that runs at once has its working directory resolved
+        # (on a thread, as the store's fsync is): the two waits overlap instead
+        # of adding up before the turn starts.
+        cwd: list[Path | WorkspaceError | OSError] = []
+        failed: StateError | None = None
+        async with trio.open_nursery() as nursery:
+            if start_now:
+                nursery.start_soon(self._resolve_cwd, task, cwd)
+            try:
+                await self._store.accept(task, accepted, started=start_now)
+            except StateError as exc:
+                failed = exc
+        if failed is not None:
             if start_now:
                 self._busy -= 1
                 self._grant()
-            log.error("%s; task %s not taken (the manager will send it again)", exc, task_id)
+            log.error("%s; task %s not taken (the manager will send it again)", failed, task_id)
             return
-        self._start_runner(task, accepted, tasks, holding_slot=start_now)
+        self._start_runner(
+            task, accepted, tasks, holding_slot=start_now, cwd=cwd[0] if cwd else None
+        )
         await self._send(TaskAck(task_id))
+        # The count of tasks held here changed (the runner does not wait for
+        # this: its turn starts meanwhile).
+        await self._send(self._load())
         log.info(
             "task %s: accepted (chat %s, thread %s)",
             task_id,
@@ -456,11 +474,23 @@ class ProxyService:
             task.thread_id or "new",
         )
 
+    async def _resolve_cwd(self, task: Task, into: list[Path | WorkspaceError | OSError]) -> None:
+        try:
+            into.append(await trio.to_thread.run_sync(self._workspace.working_dir, task.cwd))
+        except (WorkspaceError, OSError) as exc:
+            into.append(exc)  # said by the runner, as when it resolves the directory itself
+
     def _start_runner(
-        self, task: Task, accepted: float, tasks: trio.Nursery, *, holding_slot: bool = False
+        self,
+        task: Task,
+        accepted: float,
+        tasks: trio.Nursery,
+        *,
+        holding_slot: bool = False,
+        cwd: Path | WorkspaceError | OSError | None = None,
     ) -> None:
         elapsed = max(0.0, time.time() - accepted)
-        running = _Running(task, deadline=trio.current_time() + task.timeout_s - elapsed)
+        running = _Running(task, deadline=trio.current_time() + task.timeout_s - elapsed, cwd=cwd)
         if holding_slot:  # the slot was taken, and the start stored, at accept
             running.slot.set()
             running.started_stored = True
@@ -474,23 +504,35 @@ class ProxyService:
             nursery.start_soon(self._forward, running)
             result = await self._run_within_capacity(running)
             nursery.cancel_scope.cancel()
-        await self._flush(running)
-        # Stored before it is sent; kept until result_ack, even across a restart.
+        # No last live update: the result carries the whole text, and the
+        # manager shows that instead (an event first would only delay it).
+        # Committed while it is sent, and kept until result_ack, even across a
+        # restart. Sending it first loses nothing: the manager stores a result
+        # before result_ack and drops a repeat, so one that reaches it before
+        # our commit is its answer; a crash before our commit is reported after
+        # the restart as a cut-short task, as when the commit came first, and
+        # if the manager had the result by then that report is a late repeat.
+        stored = None
         try:
-            await self._store.finish(result)
+            stored = self._store.finish(result)
         except StateError as exc:
             log.error("%s; the result of task %s is kept in memory only", exc, task.task_id)
         if task.files:
             await trio.to_thread.run_sync(self._workspace.discard_staging, task.task_id)
         self._outbox[task.task_id] = result
         del self._running[task.task_id]
+        await self._send(result)
+        if stored is not None:
+            try:
+                await stored.committed()
+            except StateError as exc:
+                log.error("%s; the result of task %s is kept in memory only", exc, task.task_id)
         log.info(
             "task %s: %s%s",
             task.task_id,
             result.status,
             f" ({result.error})" if result.error else "",
         )
-        await self._send(result)
         await self._send(self._load())
 
     async def _run_within_capacity(self, running: _Running) -> TaskResult:
@@ -506,7 +548,6 @@ class ProxyService:
             if not await self._acquire_or_cancel(running):
                 return TaskResult(task.task_id, "interrupted", thread_id=task.thread_id)
             try:
-                await self._send(self._load())
                 # Marked before the turn starts: after a crash from here on, the
                 # model may have seen the prompt, so it is never run again.
                 try:
@@ -591,7 +632,13 @@ class ProxyService:
         allowed_roots, a telegram-files/ leading out of them.
         """
         task = running.task
-        cwd = await trio.to_thread.run_sync(self._workspace.working_dir, task.cwd)
+        early, running.cwd = running.cwd, None
+        if early is None:
+            cwd = await trio.to_thread.run_sync(self._workspace.working_dir, task.cwd)
+        elif isinstance(early, Path):
+            cwd = early
+        else:
+            raise early
         placed = []
         for ref, staged in zip(task.files, running.staged, strict=True):
             fallback = "photo.jpg" if ref.kind == "photo" else "file"

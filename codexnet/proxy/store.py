@@ -9,10 +9,12 @@ This is what lets the proxy keep its two promises across a crash or restart:
   result instead of running again. A repeated `task` frame for a known id is
   acknowledged and not run; finished ids are kept as tombstones for
   `TOMBSTONE_DAYS` so even a late duplicate is recognised.
-* **a result is never lost.** It is stored (`finish`) before it is sent and
-  kept until the manager's `result_ack`, then replayed after every reconnect.
-  (Stored means committed: a crash of the proxy keeps it. A power cut right
-  after may take it, and then the task is reported as cut short.)
+* **a result is never lost.** It is stored (`finish`), committed while it is
+  sent, and kept until the manager's `result_ack`, then replayed after every
+  reconnect. (Stored means committed: a crash of the proxy keeps it. A crash
+  or power cut before that commit, or a power cut right after it, may take
+  it, and then the task is reported as cut short — unless the manager got
+  the result first, which is then the answer, and the report a late repeat.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Final
 
 import attrs
 
-from codexnet.db import Database
+from codexnet.db import Database, Queued
 from codexnet.protocol import Task, TaskResult, decode_manager_frame, decode_proxy_frame, encode
 
 TOMBSTONE_DAYS: Final = 7
@@ -134,10 +136,13 @@ class ProxyStore:
 
         await self.db.write(fn, durable=True)
 
-    async def finish(self, result: TaskResult) -> None:
-        # Committed (a crash of the proxy keeps it), not synced: if a power cut
-        # took it, the task is reported as cut short by the restart instead.
-        await self.db.write(self._finish_fn(result))
+    def finish(self, result: TaskResult) -> Queued:
+        """Queue the result's row: `committed()` waits for it (raises `StateError`).
+
+        Committed (a crash of the proxy keeps it), not synced: if a power cut
+        took it, the task is reported as cut short by the restart instead.
+        """
+        return self.db.begin_write(self._finish_fn(result))
 
     @staticmethod
     def _finish_fn(result: TaskResult) -> Callable[[sqlite3.Connection], None]:

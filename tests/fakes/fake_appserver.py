@@ -9,12 +9,17 @@ the handful of methods the proxy uses. The prompt text picks the behaviour:
     hang         stream one delta, then wait for turn/interrupt
     fail         an `error` notification, then turn/completed status failed
     slow         one delta, 1.5 s of silence, then the echo
+    pwd          "cwd: <dir>": the directory the turn runs in
     anything     echo: "Echo: <prompt>"
+
+As codex does, a thread runs in the `cwd` its thread/start or thread/resume
+named, until a turn/start names another: that one stays for later turns too.
 
 With FAKE_APPSERVER_TURNS set, every prompt a turn starts with is appended to
 that file, one per line: how often "the model" was asked. With
 FAKE_APPSERVER_CALLS set, every thread method is appended to that file as
-"<method> <threadId>".
+"<method> <threadId>"; a turn/start naming a directory as
+"<method> <threadId> cwd=<dir>".
 
 Threads are loaded by `thread/start` and `thread/resume`; `thread/unsubscribe`
 unloads one at once and says `thread/closed` (codex 0.169.0 does so about a
@@ -44,20 +49,22 @@ def read() -> dict[str, Any] | None:
     return json.loads(line)  # type: ignore[no-any-return]
 
 
-def note_call(method: str, thread_id: str) -> None:
+def note_call(method: str, thread_id: str, cwd: object = None) -> None:
     if os.environ.get("FAKE_APPSERVER_CALLS"):
         with open(os.environ["FAKE_APPSERVER_CALLS"], "a", encoding="utf-8") as log:
-            log.write(f"{method} {thread_id}\n")
+            log.write(f"{method} {thread_id}{f' cwd={cwd}' if cwd else ''}\n")
 
 
 def main() -> None:
     threads: set[str] = set()  # known (on disk)
     loaded: set[str] = set()
+    cwds: dict[str, str] = {}  # thread → the directory its turns run in
     print("fake app-server starting", file=sys.stderr, flush=True)
     while (message := read()) is not None:
         method, params, rid = message.get("method"), message.get("params") or {}, message.get("id")
         if isinstance(method, str) and method.startswith(("thread/", "turn/")):
-            note_call(method, str(params.get("threadId", "")))
+            cwd = params.get("cwd") if method == "turn/start" else None
+            note_call(method, str(params.get("threadId", "")), cwd)
         if method == "initialize":
             send({"id": rid, "result": {"userAgent": "codexnet/0.0-fake (test)"}})
         elif method == "initialized":
@@ -66,12 +73,14 @@ def main() -> None:
             thread_id = str(uuid.uuid4())
             threads.add(thread_id)
             loaded.add(thread_id)
+            cwds[thread_id] = str(params.get("cwd") or os.getcwd())
             note_call("started", thread_id)
             send({"id": rid, "result": {"thread": {"id": thread_id, "cwd": params.get("cwd")}}})
         elif method == "thread/resume":
             if params["threadId"] in threads or params["threadId"].startswith("keep-"):
                 threads.add(params["threadId"])
                 loaded.add(params["threadId"])
+                cwds[params["threadId"]] = str(params.get("cwd") or os.getcwd())
                 send({"id": rid, "result": {"thread": {"id": params["threadId"]}}})
             else:
                 send(
@@ -92,7 +101,9 @@ def main() -> None:
                 send({"id": rid, "result": {"status": "notLoaded"}})
         elif method == "turn/start":
             if params["threadId"] in loaded:
-                run_turn(rid, params)
+                if params.get("cwd"):
+                    cwds[params["threadId"]] = str(params["cwd"])
+                run_turn(rid, params, cwds[params["threadId"]])
             else:
                 error = {"code": -32600, "message": f"thread not found: {params['threadId']}"}
                 send({"id": rid, "error": error})
@@ -102,7 +113,7 @@ def main() -> None:
             send({"id": rid, "error": {"code": -32600, "message": f"unknown variant `{method}`"}})
 
 
-def run_turn(rid: Any, params: dict[str, Any]) -> None:
+def run_turn(rid: Any, params: dict[str, Any], cwd: str) -> None:
     thread_id = params["threadId"]
     prompt = params["input"][0]["text"]
     if os.environ.get("FAKE_APPSERVER_TURNS"):
@@ -227,6 +238,8 @@ def run_turn(rid: Any, params: dict[str, Any]) -> None:
                 },
             }
         )
+    elif prompt == "pwd":
+        say(f"cwd: {cwd}")
     else:
         say(f"Echo: {prompt}")
 
