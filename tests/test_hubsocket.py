@@ -33,6 +33,14 @@ async def accepted(stream: trio.abc.Stream) -> ServerWebSocket:
     return await upgrade.accept(max_message_size=LIMIT)
 
 
+async def close_code(server: ServerWebSocket) -> int:
+    """The code the server's reader ends with (it must end)."""
+    with pytest.raises(ConnectionClosed) as info:
+        await server.get_message()
+    assert info.value.reason is not None
+    return info.value.reason.code
+
+
 class RawClient:
     """A WebSocket client that sends whatever it is told to."""
 
@@ -215,10 +223,7 @@ async def test_a_message_over_the_limit_closes_1009_before_it_is_all_held(
     client, server = raw
     for _ in range(3):
         await client.send(TextMessage(data="x" * 40_000, message_finished=False))
-    with pytest.raises(ConnectionClosed) as info:
-        await server.get_message()
-    assert info.value.reason is not None
-    assert info.value.reason.code == 1009
+    assert await close_code(server) == 1009
     close = await client.wait_for(CloseConnection)
     assert isinstance(close, CloseConnection)
     assert close.code == 1009
@@ -226,14 +231,8 @@ async def test_a_message_over_the_limit_closes_1009_before_it_is_all_held(
 
 async def test_bad_utf8_closes_1007(raw: tuple[RawClient, ServerWebSocket]) -> None:
     client, server = raw
-    # A text frame by hand (masked, as a client must): \xff is never UTF-8.
-    mask = b"\x01\x02\x03\x04"
-    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\xff\xfe"))
-    await client.stream.send_all(b"\x81\x82" + mask + payload)
-    with pytest.raises(ConnectionClosed) as info:
-        await server.get_message()
-    assert info.value.reason is not None
-    assert info.value.reason.code == 1007
+    await client.stream.send_all(masked(0x81, b"\xff\xfe"))  # \xff is never UTF-8
+    assert await close_code(server) == 1007
 
 
 async def test_a_pong_answers_its_ping_and_the_earlier_ones_and_a_stray_one_nothing(
@@ -347,10 +346,7 @@ async def test_a_frame_against_the_protocol_closes_with_its_code(
 ) -> None:
     client, server = raw
     await client.stream.send_all(frame)
-    with pytest.raises(ConnectionClosed) as info:
-        await server.get_message()
-    assert info.value.reason is not None
-    assert info.value.reason.code == code
+    assert await close_code(server) == code
 
 
 async def test_a_new_message_inside_a_fragmented_one_closes_1002(
@@ -358,10 +354,7 @@ async def test_a_new_message_inside_a_fragmented_one_closes_1002(
 ) -> None:
     client, server = raw
     await client.stream.send_all(masked(0x01, b"first ") + masked(0x81, b"second"))
-    with pytest.raises(ConnectionClosed) as info:
-        await server.get_message()
-    assert info.value.reason is not None
-    assert info.value.reason.code == 1002
+    assert await close_code(server) == 1002
 
 
 async def test_a_close_without_a_code_is_answered_without_one(
@@ -369,10 +362,7 @@ async def test_a_close_without_a_code_is_answered_without_one(
 ) -> None:
     client, server = raw
     await client.stream.send_all(masked(0x88, b""))
-    with pytest.raises(ConnectionClosed) as info:
-        await server.get_message()
-    assert info.value.reason is not None
-    assert info.value.reason.code == 1005
+    assert await close_code(server) == 1005
     assert await client.stream.receive_some() == b"\x88\x00"
 
 

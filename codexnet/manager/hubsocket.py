@@ -359,8 +359,7 @@ class ServerWebSocket:
                 raise _ProtocolViolation(INVALID_DATA, "a close reason that is not UTF-8") from None
         if not self._close_sent:  # theirs: answered with their code, then done
             self.closed = CloseReason(code, reason)
-            self._close_sent = True
-            await self._send_quietly(_frame(CLOSE, _close_payload(code, None)))
+            await self._send_close(code, None)
         elif self.closed is None:
             self.closed = CloseReason(code, reason)
         self._gone()
@@ -370,8 +369,7 @@ class ServerWebSocket:
         """Close with `code` on their fault (too big, bad UTF-8 …), without waiting."""
         self.closed = CloseReason(code, reason)
         if not self._close_sent:
-            self._close_sent = True
-            await self._send_quietly(_frame(CLOSE, _close_payload(code, reason)))
+            await self._send_close(code, reason)
         self._gone()
         raise ConnectionClosed(self.closed)
 
@@ -401,11 +399,12 @@ class ServerWebSocket:
                 self._gone()
                 raise ConnectionClosed(self.closed) from None
 
-    async def _send_quietly(self, data: bytes) -> None:
-        """A close frame, if it can still go (a peer that went needs none)."""
+    async def _send_close(self, code: int, reason: str | None) -> None:
+        """Our close frame (once), if it can still go (a peer that went needs none)."""
+        self._close_sent = True
         async with self._send_lock:
             try:
-                await self._stream.send_all(data)
+                await self._stream.send_all(_frame(CLOSE, _close_payload(code, reason)))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
@@ -461,8 +460,7 @@ class ServerWebSocket:
         try:
             if not self._close_sent and self.closed is None:
                 self.closed = CloseReason(code, reason)
-                self._close_sent = True
-                await self._send_quietly(_frame(CLOSE, _close_payload(code, reason)))
+                await self._send_close(code, reason)
                 if self._reading.locked():
                     await self._close_seen.wait()  # the reader sees their close
                 else:
