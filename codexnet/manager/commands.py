@@ -367,6 +367,13 @@ class ChatCommands:
     def _use_button(self, chat_id: int, proxy_id: str) -> str:
         return f"u:{button_tag(self._button_secret, chat_id, proxy_id)}:{proxy_id}"
 
+    def _foreign_press(
+        self, query: dict[str, Any], button: str, owner: int, chat_id: object
+    ) -> None:
+        """A button of chat `owner` pressed in another chat: refused, and said so."""
+        log.warning("%s button of chat %s pressed in chat %s: refused", button, owner, chat_id)
+        self._replies.toast(query, NOT_HERE)
+
     async def on_callback(self, query: dict[str, Any]) -> None:
         """A button press from an allowed user."""
         data = str(query.get("data") or "")
@@ -382,10 +389,7 @@ class ChatCommands:
                 self._replies.toast(query, FINISHED)
                 return
             if task.chat_id != chat_id:
-                log.warning(
-                    "Cancel button of chat %s pressed in chat %s: refused", task.chat_id, chat_id
-                )
-                self._replies.toast(query, NOT_HERE)
+                self._foreign_press(query, "Cancel", task.chat_id, chat_id)
                 return
             self._replies.toast(query, "Cancelling…")
             for each in self._conversations.tasks_for_cancel_key(rest):
@@ -408,10 +412,7 @@ class ChatCommands:
                 self._replies.toast(query, NO_LONGER_VALID)
                 return
             if ref.chat_id != chat_id:
-                log.warning(
-                    "Diff button of chat %s pressed in chat %s: refused", ref.chat_id, chat_id
-                )
-                self._replies.toast(query, NOT_HERE)
+                self._foreign_press(query, "Diff", ref.chat_id, chat_id)
                 return
         if isinstance(chat_id, int) and kind in ("m", "e", "r", "d"):
             self._replies.toast(query, "Sending the diff…" if kind == "d" else "OK")
