@@ -133,14 +133,12 @@ class ProxyConn:
     foreign_frames: int = 0  # frames it sent for other proxies' tasks
     closed: trio.Event = attrs.Factory(trio.Event)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    _send_lock: trio.StrictFIFOLock = attrs.Factory(trio.StrictFIFOLock)
 
     async def send(self, frame: ManagerFrame) -> bool:
         """Write `frame`; False if the link is closed. Written is not delivered:
         whatever must arrive is re-sent after the next `hello` until acknowledged."""
         try:
-            async with self._send_lock:
-                await self.ws.send_message(encode(frame))
+            await self.ws.send_message(encode(frame))  # frames in order: its send lock
         except ConnectionClosed:
             return False
         return True
