@@ -7,7 +7,9 @@ it starts: that log is "how often the model was asked".
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
 import attrs
@@ -107,6 +109,70 @@ async def test_a_repeated_task_is_acknowledged_and_run_once(
     assert result.text == "Echo: hello"
     await link.send(ResultAck("t1"))
     await link.send(task)  # even after its result was acknowledged
+    with trio.fail_after(20):
+        await link.expect(TaskAck)
+    assert proxy.asked() == ["hello"]
+
+
+async def test_the_turn_starts_before_the_fsync_and_the_ack_waits_for_it(
+    proxy: Proxy, manager: FakeManager, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk slow to sync (another program flushing, say) does not hold the answer
+    back: the stored task's turn runs meanwhile, and only its task_ack waits."""
+    await run(proxy.service(), nursery)
+    link = await manager.accept()
+    disk_done = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # on the database's worker thread
+        disk_done.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    try:
+        await link.send(Task("t1", 1, "hello"))
+        with trio.fail_after(20):
+            result = await link.expect(TaskResult)
+        assert result.text == "Echo: hello"
+        assert not any(isinstance(f, TaskAck) for f in link.received)
+    finally:
+        disk_done.set()
+    with trio.fail_after(20):
+        await link.expect(TaskAck)
+    assert proxy.asked() == ["hello"]
+
+
+async def test_a_failed_fsync_withholds_the_ack_until_the_task_comes_again(
+    proxy: Proxy,
+    manager: FakeManager,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The disk fails to sync: the task runs once and answers, but is not acknowledged
+    (it is not power-safe); sent again after a reconnect, it is acknowledged then."""
+    await run(proxy.service(), nursery)
+    link = await manager.accept()
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    task = Task("t1", 1, "hello")
+    await link.send(task)
+    with trio.fail_after(20):
+        result = await link.expect(TaskResult)
+    assert result.text == "Echo: hello"
+    assert not any(isinstance(f, TaskAck) for f in link.received)
+    assert any(
+        "proxy.db" in r.getMessage() and "task t1 is not acknowledged yet" in r.getMessage()
+        for r in caplog.records
+    )
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    await link.drop()
+    link = await manager.accept()
+    await link.send(task)  # never acknowledged: the manager sends it again
     with trio.fail_after(20):
         await link.expect(TaskAck)
     assert proxy.asked() == ["hello"]

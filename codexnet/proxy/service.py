@@ -426,25 +426,26 @@ class ProxyService:
         task_id = task.task_id
         if task_id in self._outbox:
             # The manager missed our result (it restarted); send it again.
-            await self._send(TaskAck(task_id))
+            await self._ack(task_id)
             await self._send(self._outbox[task_id])
             return
         if task_id in self._running or task_id in self._store.tombstones:
-            await self._send(TaskAck(task_id))  # a repeat: never run twice
+            await self._ack(task_id)  # a repeat: never run twice
             return
         accepted = time.time()
         # A free slot is taken now, and the task stored as started along with
-        # being accepted: one write that survives a power cut, not two, before
-        # the turn starts.
+        # being accepted: one write, not two, before the turn starts.
         # (A task with files fetches them before it takes a slot.)
         start_now = self._busy < self._config.capacity and not self._waiting and not task.files
         if start_now:
             self._busy += 1
-        # Stored before it is acknowledged: once the manager hears task_ack it
-        # never sends the task again, so a crash here must not forget it.
+        # Committed before the turn starts, and power-safe before it is
+        # acknowledged: once the manager hears task_ack it never sends the task
+        # again, so nothing short of a power cut during that fsync can make
+        # this proxy forget it (store.py says what such a cut costs).
         # Meanwhile a task that runs at once has its working directory resolved
-        # (on a thread, as the store's fsync is): the two waits overlap instead
-        # of adding up before the turn starts.
+        # (on a thread): the two waits overlap instead of adding up before the
+        # turn starts.
         cwd: list[Path | WorkspaceError | OSError] = []
         failed: StateError | None = None
         async with trio.open_nursery() as nursery:
@@ -463,7 +464,9 @@ class ProxyService:
         self._start_runner(
             task, accepted, tasks, holding_slot=start_now, cwd=cwd[0] if cwd else None
         )
-        await self._send(TaskAck(task_id))
+        # The turn starts meanwhile: the fsync is not in front of the answer.
+        if not await self._ack(task_id):
+            return
         # The count of tasks held here changed (the runner does not wait for
         # this: its turn starts meanwhile).
         await self._send(self._load())
@@ -473,6 +476,20 @@ class ProxyService:
             task.chat_id,
             task.thread_id or "new",
         )
+
+    async def _ack(self, task_id: str) -> bool:
+        """`task_ack`, once the task's row would survive a power cut; False if it cannot.
+
+        Not acknowledged, the task is sent again after the next reconnect, and
+        acknowledged then as a repeat (it runs here meanwhile, once).
+        """
+        try:
+            await self._store.sync()
+        except StateError as exc:
+            log.error("%s; task %s is not acknowledged yet", exc, task_id)
+            return False
+        await self._send(TaskAck(task_id))
+        return True
 
     async def _resolve_cwd(self, task: Task, into: list[Path | WorkspaceError | OSError]) -> None:
         try:
