@@ -15,7 +15,8 @@ Rows (each says what it measures and what bounds it):
 1. relay overhead: a message through the fake Bot API, the manager, the
    proxy and codex, to the answer at the fake Bot API — vs `turn/start` →
    `turn/completed` on a warm app-server driven directly, the same codex and
-   model, rounds interleaved;
+   model, rounds interleaved; and the relay's own time, each message less
+   its own turn at the proxy's codex (from the proxy's log line);
 2. a warm app-server turn vs `codex exec --json` per message (a new process
    each time, what exec-based bots do), interleaved with row 1;
 3. the hub at 10 / 100 / 1 000 / 5 000 simulated proxies speaking the real
@@ -238,6 +239,7 @@ async def relay_and_exec(work: Path, rounds: int) -> list[Row]:
     for chat in chats:
         fake.add_chat(chat)
     relay_t: list[float] = []
+    own_t: list[float] = []  # each relayed message less its own turn at the proxy's codex
     direct_t: list[float] = []
     exec_t: list[float] = []
     async with trio.open_nursery() as nursery:
@@ -273,7 +275,10 @@ async def relay_and_exec(work: Path, rounds: int) -> list[Row]:
                 await trio.sleep(1.5)
                 for n in range(rounds):
                     k = n % len(chats)
+                    since = len(proxy.lines)
                     relay_t.append(await relay_once(fake, chats[k], f"relay {n}"))
+                    turn = await proxy.wait_for_log(TURN_LINE, since=since)
+                    own_t.append(relay_t[-1] - float(turn[1]) / 1000)
                     await trio.sleep(0.2)
                     direct_t.append(await direct.turn(threads[k], f"direct {n}"))
                     await trio.sleep(0.2)
@@ -283,6 +288,7 @@ async def relay_and_exec(work: Path, rounds: int) -> list[Row]:
         nursery.cancel_scope.cancel()
     r50, r90 = statistics.median(relay_t), pct(relay_t, 0.9)
     d50, d90 = statistics.median(direct_t), pct(direct_t, 0.9)
+    o50, o90 = statistics.median(own_t), pct(own_t, 0.9)
     e50 = statistics.median(exec_t)
     return [
         Row(
@@ -306,11 +312,20 @@ async def relay_and_exec(work: Path, rounds: int) -> list[Row]:
             "",
         ),
         Row(
+            "the relay's own time per message (less its turn at codex), p50 / p90",
+            f"{ms(o50)} / {ms(o90)}",
+            "the rows above less codex's noise (two codex processes' turns differ by ±5 ms)",
+        ),
+        Row(
             f"codex exec --json per message, p50 ({len(exec_t)} runs)",
             f"{ms(e50)} ({e50 / d50:.1f}× a warm app-server turn)",
             "a new codex process and session per message",
         ),
     ]
+
+
+# The proxy's line for a finished task (codexnet/proxy/service.py): the turn alone.
+TURN_LINE = re.compile(r"task \S+: completed \(codex's turn: ([\d.]+) ms\)")
 
 
 async def relay_once(fake: FakeTelegram, chat: int, prompt: str) -> float:

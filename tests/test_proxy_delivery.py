@@ -8,7 +8,9 @@ it starts: that log is "how often the model was asked".
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -176,6 +178,22 @@ async def test_a_failed_fsync_withholds_the_ack_until_the_task_comes_again(
     with trio.fail_after(20):
         await link.expect(TaskAck)
     assert proxy.asked() == ["hello"]
+
+
+async def test_the_log_says_how_long_codex_took_for_each_task(
+    proxy: Proxy, manager: FakeManager, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Told apart from the relay's own time: what the turn took at codex."""
+    caplog.set_level(logging.INFO, logger="codexnet.proxy.service")
+    await run(proxy.service(), nursery)
+    link = await manager.accept()
+    await link.send(Task("t1", 1, "slow"))  # the scripted app-server takes 1.5 s
+    with trio.fail_after(20):
+        await link.expect(TaskResult)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task t1: ")]
+    match = re.fullmatch(r"task t1: completed \(codex's turn: (\d+\.\d\d) s\)", lines[-1])
+    assert match is not None, lines
+    assert 1.4 <= float(match[1]) < 5
 
 
 async def test_the_load_counts_a_task_from_its_ack(

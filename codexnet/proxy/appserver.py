@@ -91,15 +91,26 @@ class Turn:
     # sent before it is answered "no active turn to interrupt" and lost.
     started: trio.Event = attrs.Factory(trio.Event)
     diff: str = ""  # the turn's whole diff so far (turn/diff/updated)
+    # trio time: `turn/start` sent, and the turn's end seen (what codex itself took)
+    sent_at: float | None = None
+    ended_at: float | None = None
 
     @property
     def text(self) -> str:
         return "\n\n".join(t for t in self.messages.values() if t.strip())
 
+    @property
+    def seconds(self) -> float | None:
+        """`turn/start` sent → the turn's end: what codex itself took (None: not run)."""
+        if self.sent_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.sent_at
+
     def finish(self, status: str, error: str | None = None) -> None:
         if not self.finished.is_set():
             self.status = status
             self.error = self.error or error
+            self.ended_at = trio.current_time()
             self.finished.set()
             self.on_change()
 
@@ -534,6 +545,7 @@ class AppServer:
             # Unknown from here until codex has answered: should turn/start fail,
             # the next turn names its directory again.
             child.thread_cwd.pop(thread_id, None)
+            turn.sent_at = trio.current_time()
             result = await child.peer.request("turn/start", params)
             child.thread_cwd[thread_id] = settings.cwd
             turn.turn_id = (result or {}).get("turn", {}).get("id")

@@ -544,11 +544,13 @@ class ProxyService:
                 await stored.committed()
             except StateError as exc:
                 log.error("%s; the result of task %s is kept in memory only", exc, task.task_id)
+        took = running.turn.seconds if running.turn is not None else None
         log.info(
-            "task %s: %s%s",
+            "task %s: %s%s%s",
             task.task_id,
             result.status,
             f" ({result.error})" if result.error else "",
+            "" if took is None else f" (codex's turn: {_duration(took)})",
         )
         await self._send(self._load())
 
@@ -791,6 +793,15 @@ class ProxyService:
         if not slot:  # the first decision wins; a repeat is applied once
             slot.append(frame.decision)
         decided.set()
+
+
+def _duration(seconds: float) -> str:
+    """`56.3 ms`, `2.41 s`, `3 min 5 s`: as precise as is worth reading."""
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> str:
