@@ -190,6 +190,7 @@ async def test_the_log_says_how_long_codex_took_for_each_task(
     await link.send(Task("t1", 1, "slow"))  # the scripted app-server takes 1.5 s
     with trio.fail_after(20):
         await link.expect(TaskResult)
+        await link.expect(Load, lambda f: f.running == 0)  # sent after the line
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task t1: ")]
     match = re.fullmatch(r"task t1: completed \(codex's turn: (\d+\.\d\d) s\)", lines[-1])
     assert match is not None, lines
