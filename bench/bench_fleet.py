@@ -231,7 +231,7 @@ def answer_time(fake: FakeTelegram, chat: int, prefix: str) -> float | None:
     return None
 
 
-async def relay_and_exec(work: Path, rounds: int) -> list[Row]:
+async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -> list[Row]:
     """Rows 1 and 2: the relay, a direct warm app-server, and codex exec, interleaved."""
     chats = [FIRST_CHAT + i for i in range(4)]  # rotated: each chat's 1 msg/s never paces
     model = FakeResponsesAPI()
@@ -273,18 +273,23 @@ async def relay_and_exec(work: Path, rounds: int) -> list[Row]:
                     await relay_once(fake, chat, f"warm {i}")
                     await direct.turn(thread, f"warm {i}")
                 await trio.sleep(1.5)
-                for n in range(rounds):
-                    k = n % len(chats)
-                    since = len(proxy.lines)
-                    relay_t.append(await relay_once(fake, chats[k], f"relay {n}"))
-                    turn = await proxy.wait_for_log(TURN_LINE, since=since)
-                    own_t.append(relay_t[-1] - float(turn[1]) / 1000)
-                    await trio.sleep(0.2)
-                    direct_t.append(await direct.turn(threads[k], f"direct {n}"))
-                    await trio.sleep(0.2)
-                    if n % 3 == 0:
-                        exec_t.append(await codex_exec(exec_env, cwd, f"exec {n}"))
+                async with (
+                    # Sampled often: each message costs them only a few ms of CPU.
+                    profiled(manager.pid, profile and profile / "relay-manager.txt", rate=1000),
+                    profiled(proxy.pid, profile and profile / "relay-proxy.txt", rate=1000),
+                ):
+                    for n in range(rounds):
+                        k = n % len(chats)
+                        since = len(proxy.lines)
+                        relay_t.append(await relay_once(fake, chats[k], f"relay {n}"))
+                        turn = await proxy.wait_for_log(TURN_LINE, since=since)
+                        own_t.append(relay_t[-1] - float(turn[1]) / 1000)
                         await trio.sleep(0.2)
+                        direct_t.append(await direct.turn(threads[k], f"direct {n}"))
+                        await trio.sleep(0.2)
+                        if n % 3 == 0:
+                            exec_t.append(await codex_exec(exec_env, cwd, f"exec {n}"))
+                            await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
     r50, r90 = statistics.median(relay_t), pct(relay_t, 0.9)
     d50, d90 = statistics.median(direct_t), pct(direct_t, 0.9)
@@ -474,7 +479,7 @@ class Hub:
 
 
 @asynccontextmanager
-async def profiled(pid: int, out: Path | None) -> AsyncIterator[None]:
+async def profiled(pid: int, out: Path | None, *, rate: int = 250) -> AsyncIterator[None]:
     """`py-spy record` of `pid` for the block, as collapsed stacks in `out` (None: not)."""
     if out is None:
         yield
@@ -487,7 +492,7 @@ async def profiled(pid: int, out: Path | None) -> AsyncIterator[None]:
         "--format",
         "raw",
         "--rate",
-        "250",
+        str(rate),
     ]
     command += ["--output", str(out), "--nonblocking"]
     async with trio.open_nursery() as nursery:
@@ -799,7 +804,7 @@ def outbox_rows() -> list[Row]:
 async def async_main(args: argparse.Namespace, work: Path) -> list[Row]:
     rows: list[Row] = []
     if "relay" in args.only:
-        rows += await relay_and_exec(work, args.rounds)
+        rows += await relay_and_exec(work, args.rounds, args.profile)
     if "hub" in args.only:
         rows += await hub_scale(work, args.fleet, args.heartbeat_window, args.profile)
     if "telegram" in args.only:
@@ -851,7 +856,7 @@ def main() -> None:
     print(f"(took {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores)")
     if args.profile:
         for raw in sorted(args.profile.glob("*.txt")):
-            print(f"\nmanager profile, {raw.stem} (share of samples in each function):")
+            print(f"\nprofile of {raw.stem} (share of samples in each function):")
             print(top_frames(raw))
 
 
