@@ -147,7 +147,7 @@ class Database:
                     raise sqlite3.OperationalError(f"cannot switch to WAL (got {mode})")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # see _run_apply
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # see _apply
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {check}")
@@ -291,7 +291,12 @@ class Database:
         with trio.CancelScope(shield=True):
             task_status.started()
             async for first in self._receive:
-                await self._commit(self._batch(first))
+                self._commit(self._batch(first))
+                # After the waiters were woken, not before: a commit on the way
+                # to an answer costs one pass of the scheduler less.
+                await trio.lowlevel.checkpoint()
+                if self.commits % CHECKPOINT_EVERY == 0:
+                    await self._checkpoint()
 
     def stop(self) -> None:
         """No more writes: `run` commits what is queued and returns."""
@@ -320,23 +325,6 @@ class Database:
                 break
         return batch
 
-    async def _run_apply(self, batch: list[_Pending]) -> None:
-        """Apply `batch` in one transaction, here on the event loop.
-
-        The statements and a `synchronous=NORMAL` commit only touch SQLite's
-        page cache and append to the WAL: no disk wait. The disk waits — the
-        fsync of `sync()`, and a WAL checkpoint every `CHECKPOINT_EVERY`
-        commits (it fsyncs the database) — run on the worker thread. (Running
-        the statements there too would cost a GIL hand-over per statement,
-        which under a busy event loop waits up to the interpreter's 5 ms switch
-        interval each: 100 writes took ~150 ms that way.) Auto-checkpoints are
-        off for this reason.
-        """
-        self._apply(batch)
-        await trio.lowlevel.checkpoint()
-        if self.commits % CHECKPOINT_EVERY == 0:
-            await self._checkpoint()
-
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database (fsyncs: on the worker thread)."""
         conn = self._connection()
@@ -353,7 +341,7 @@ class Database:
             problem = describe_sqlite_error(self.path, exc)
             _throttled.log(log, logging.WARNING, "checkpoint", "%s (checkpoint skipped)", problem)
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending]) -> None:
         """Commit `batch`; a write that fails gets its `StateError`, the writer goes on.
 
         The writer must outlive any failure (disk full, no descriptor or
@@ -361,12 +349,12 @@ class Database:
         would wait forever.
         """
         try:
-            await self._run_apply(batch)
+            self._apply(batch)
         except Exception:
             # One bad write must not fail the others: commit them one by one.
             for pending in batch:
                 try:
-                    await self._run_apply([pending])
+                    self._apply([pending])
                 except Exception as exc:
                     pending.error = StateError(describe_sqlite_error(self.path, exc))
                     if not isinstance(exc, sqlite3.Error | OSError | MemoryError):
@@ -384,7 +372,17 @@ class Database:
                 pending.done.set()
 
     def _apply(self, batch: list[_Pending]) -> None:
-        """Apply `batch` in one transaction."""
+        """Apply `batch` in one transaction, here on the event loop.
+
+        The statements and a `synchronous=NORMAL` commit only touch SQLite's
+        page cache and append to the WAL: no disk wait. The disk waits — the
+        fsync of `sync()`, and a WAL checkpoint every `CHECKPOINT_EVERY`
+        commits (it fsyncs the database) — run on the worker thread. (Running
+        the statements there too would cost a GIL hand-over per statement,
+        which under a busy event loop waits up to the interpreter's 5 ms switch
+        interval each: 100 writes took ~150 ms that way.) Auto-checkpoints are
+        off for this reason.
+        """
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
