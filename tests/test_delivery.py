@@ -19,12 +19,13 @@ import trio.testing
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.delivery import Delivery
 from codexnet.manager.grace import ShutdownGrace
-from codexnet.manager.outbox import Outbox
+from codexnet.manager.outbox import Outbox, Priority
 from codexnet.manager.render import Chunk
 from codexnet.manager.replies import Replies, answer_parts
 from codexnet.manager.service import open_store
 from codexnet.manager.store import ManagerStore, Outcome, TaskRecord
 from codexnet.manager.telegram import TelegramClient
+from tests.conftest import GROUP
 from tests.fakes.responses_api import MARKDOWN_SAMPLE
 from tests.fakes.stack import BOT_TOKEN, USER
 from tests.fakes.telegram_api import MOCK_BASE_URL, FakeTelegram
@@ -265,6 +266,60 @@ async def test_after_a_restart_a_part_already_posted_is_found_not_sent_again(
     texts = [m.text or "" for m in fake.messages(USER)]
     assert len(texts) == len(parts)  # part 2 was found in the chat, not sent twice
     assert " ".join(texts).split() == answer.split()
+
+
+async def test_a_restart_leaves_alone_another_answer_posted_in_the_chat_meanwhile(
+    fake: FakeTelegram,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two answers wait their turn in one group (3 s apart there). The manager is
+    restarted after the first went out: the second goes out after the restart,
+    and the first is still what it was (the check for a part posted before the
+    restart must not take the first answer for it, nor edit it)."""
+    fake.push_message(GROUP, "two questions")
+    prompt_id = fake.transcript(GROUP)[-1].message_id
+    async with (
+        open_store(tmp_path / "state", inline_writes=True) as store,
+        httpx.AsyncClient(transport=fake.transport()) as http,
+        trio.open_nursery() as inner,
+    ):
+        outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
+        await inner.start(outbox.run)
+        replies = Replies(outbox)
+        replies.nursery = inner
+        grace = ShutdownGrace(10)
+        work = delivery(store, replies)
+        work._grace = grace
+        for n in range(3):  # the group's burst is spent: the answers wait their turn
+            await outbox.send(
+                "sendMessage", {"chat_id": GROUP, "text": f"Note {n}."}, priority=Priority.ANSWER
+            )
+        for n, text in ((1, "First answer."), (2, "Second answer.")):
+            task = store.new_task(
+                GROUP, 0, "the prompt", task_id=f"t{n}", timeout_s=60, message_id=prompt_id
+            )
+            await store.add_task(task)
+            await store.mark_dispatched(task, "proxy1", None)
+            await store.mark_finished(task, Outcome("completed", text=text))
+            inner.start_soon(work.deliver, task, None)
+        await fake.wait_until(lambda: "First answer." in fake.texts(GROUP))
+        grace.begin()  # SIGTERM while the second waits for its turn
+        inner.cancel_scope.cancel()
+    notes = ["Note 0.", "Note 1.", "Note 2."]
+    assert fake.texts(GROUP) == [*notes, "First answer."]
+    async with (
+        open_store(tmp_path / "state", inline_writes=True) as store,
+        httpx.AsyncClient(transport=fake.transport()) as http,
+    ):
+        outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
+        await nursery.start(outbox.run)
+        replies = Replies(outbox)
+        replies.nursery = nursery
+        [again] = store.open_tasks()
+        await delivery(store, replies).deliver(again, None)
+    assert fake.texts(GROUP) == [*notes, "First answer.", "Second answer."]
 
 
 def part_params(part: Chunk) -> dict[str, object]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any, Final
 
 import trio
@@ -105,14 +106,10 @@ class Delivery:
         last_markup = None if on_view else diff
         with_document = len(parts) > DOCUMENT_AFTER_PARTS
         total = len(parts) + int(with_document)
-        # A previous run began this delivery: it may have sent the next part
-        # and died before counting it. That part is looked for in the chat
-        # (after the anchor) before it is sent again.
+        # A previous run was sending the next part when it stopped: it may have
+        # gone out without being counted. It is looked for in the chat (after
+        # the anchor) before it is sent again.
         resumed = task.delivery_anchor is not None
-        if not resumed:
-            known = [i for i in (self._outbox.last_message_id(task.chat_id), task.message_id) if i]
-            anchor = max(known) if known else NO_ANCHOR
-            await self._store.mark_parts_sent(task, task.parts_sent, anchor)
         first = task.parts_sent
         for index in range(first, total):
             # Sending a part and counting it go together: a shutdown in between
@@ -126,7 +123,12 @@ class Delivery:
                         message_id = await self._already_posted(task, part, markup)
                     if message_id is None:
                         sent = await self._replies.send_answer_part(
-                            task.chat_id, part, topic=task.topic, until=until, reply_markup=markup
+                            task.chat_id,
+                            part,
+                            topic=task.topic,
+                            until=until,
+                            reply_markup=markup,
+                            before_request=partial(self._anchor, task, index),
                         )
                         if isinstance(sent, Abandoned):
                             return  # shutting down before it went out: the next start sends it
@@ -152,10 +154,22 @@ class Delivery:
                 if index + 1 == total:
                     await self._store.mark_done(task, index + 1)  # one write for both
                     return
-                await self._store.mark_parts_sent(task, index + 1, message_id)
+                await self._store.mark_parts_sent(task, index + 1, None)
             if step.cancelled_caught:
                 return  # shutting down: the next start resumes at the part not yet counted
         await self._store.mark_done(task)
+
+    async def _anchor(self, task: TaskRecord, index: int, last: int | None) -> None:
+        """Part `index` goes out now, in the chat's turn: stored first with the chat's
+        newest message id, the only message of ours after which can be this part.
+
+        Unknown in this process (nothing seen in the chat since the start), there
+        is no safe anchor: the person's message is older than answers posted
+        before the restart, which the check after a restart would take for this
+        part (and edit). Then a part whose fate a restart made unknown is sent
+        again: a duplicate at worst.
+        """
+        await self._store.mark_parts_sent(task, index, NO_ANCHOR if last is None else last)
 
     async def _already_posted(
         self, task: TaskRecord, part: Chunk, markup: dict[str, Any] | None

@@ -41,7 +41,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from enum import IntEnum
 from typing import Any, Final, Literal, NoReturn
 
@@ -73,6 +73,8 @@ JITTER_RESERVE_S: Final = 0.1  # network jitter a chat's budget absorbs (see _Bu
 CREATES_MESSAGE: Final = frozenset({"sendMessage", "sendDocument"})
 
 OnUnknown = Literal["probe", "resend", "give_up"]
+# Awaited in the chat's turn before a request, with its newest known message id.
+BeforeRequest = Callable[[int | None], Awaitable[None]]
 
 
 class Abandoned:
@@ -196,7 +198,14 @@ class Outbox:
     # ------------------------------------------------------------------ public
 
     def note_message_id(self, chat_id: int, message_id: int) -> None:
-        """A message id seen in `chat_id` (ours or the person's): probes start after it."""
+        """A message this process posted in `chat_id`: probes start after the newest.
+
+        Only ours: a message of ours posted by an earlier process is older than
+        any this one posts, so nothing of ours can come after the newest but
+        the send in question. A person's message can be older than answers
+        already posted (Telegram hands out an update again after a crash), and
+        a probe after it would edit such an answer.
+        """
         if message_id > self._last_message_id.get(chat_id, 0):
             self._last_message_id[chat_id] = message_id
 
@@ -214,10 +223,6 @@ class Outbox:
                     item.abandoned = item.withdrawn = True
                     item.go.set()
             self._schedule(lane)
-
-    def last_message_id(self, chat_id: int) -> int | None:
-        """The newest message id seen in `chat_id` in this process, if any."""
-        return self._last_message_id.get(chat_id)
 
     async def find_posted(
         self, params: dict[str, Any], *, after: int, priority: Priority = Priority.ANSWER
@@ -266,6 +271,7 @@ class Outbox:
         coalesce: Hashable | None = None,
         files: UploadFiles | None = None,
         abandonable: bool = False,
+        before_request: BeforeRequest | None = None,
     ) -> Any:
         """Send `method` to `params["chat_id"]` in its turn; its result.
 
@@ -274,6 +280,10 @@ class Outbox:
         raises `TelegramError` at once; "message is not modified" is success
         (None). A coalesced request overtaken by a newer one returns None. An
         `abandonable` one returns `ABANDONED` if the outbox stops before it went.
+        `before_request(last)` is awaited in the chat's turn right before each
+        attempt, with the chat's newest known message id: nothing else of ours
+        goes to the chat until this request has, so a caller that records it
+        knows that the only message of ours after it can be this one.
         """
         chat_id = int(params["chat_id"])
         if coalesce is not None:
@@ -295,6 +305,8 @@ class Outbox:
             error: TelegramError | None = None
             found: dict[str, Any] | None = None
             try:
+                if before_request is not None:
+                    await before_request(self._last_message_id.get(chat_id))
                 result = await self.client.request(method, item.params, files=files)
             except RetryAfter as exc:
                 self._pause(lane, exc.retry_after)

@@ -28,7 +28,7 @@ from typing import Any, Final, NamedTuple
 
 import trio
 
-from codexnet.manager.outbox import Abandoned, Outbox, Priority
+from codexnet.manager.outbox import Abandoned, BeforeRequest, Outbox, Priority
 from codexnet.manager.render import Chunk, render_markdown, render_plain_parts, split_chunk
 from codexnet.manager.telegram import TelegramError
 
@@ -94,10 +94,19 @@ class Replies:
         topic: int = 0,
         until: float | None,
         reply_markup: dict[str, Any] | None = None,
+        before_request: BeforeRequest | None = None,
     ) -> int | Abandoned | None:
-        """`send_part` for a part of an answer: `ABANDONED` if shutdown came before it went."""
+        """`send_part` for a part of an answer: `ABANDONED` if shutdown came before it
+        went. `before_request`: see `Outbox.send`."""
         return await self._send(
-            chat_id, topic, part, Priority.ANSWER, until, reply_markup, abandonable=True
+            chat_id,
+            topic,
+            part,
+            Priority.ANSWER,
+            until,
+            reply_markup,
+            abandonable=True,
+            before_request=before_request,
         )
 
     async def _send(
@@ -110,6 +119,7 @@ class Replies:
         reply_markup: dict[str, Any] | None,
         *,
         abandonable: bool,
+        before_request: BeforeRequest | None = None,
     ) -> int | Abandoned | None:
         params: dict[str, Any] = {
             "chat_id": chat_id,
@@ -127,12 +137,20 @@ class Replies:
                 until=until,
                 on_unknown="probe",
                 abandonable=abandonable,
+                before_request=before_request,
             )
         except TelegramError as exc:
             if topic and thread_gone(exc):
                 log.warning("chat %s: topic %s is gone; sending to the chat", chat_id, topic)
                 return await self._send(
-                    chat_id, 0, part, priority, until, reply_markup, abandonable=abandonable
+                    chat_id,
+                    0,
+                    part,
+                    priority,
+                    until,
+                    reply_markup,
+                    abandonable=abandonable,
+                    before_request=before_request,
                 )
             if part.entities and exc.code == 400:
                 # Formatting refused (entities out of range, too many, …): the words matter more.
@@ -143,7 +161,14 @@ class Replies:
                 )
                 plain = Chunk(part.text)
                 return await self._send(
-                    chat_id, topic, plain, priority, until, reply_markup, abandonable=abandonable
+                    chat_id,
+                    topic,
+                    plain,
+                    priority,
+                    until,
+                    reply_markup,
+                    abandonable=abandonable,
+                    before_request=before_request,
                 )
             log.error("could not send a message to chat %s: %s", chat_id, exc.description)
             return None

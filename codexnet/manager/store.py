@@ -244,9 +244,10 @@ class TaskRecord:
     view_key: str | None = None
     update_id: int | None = None  # the Telegram update it came from
     message_id: int | None = None  # the person's message (its id in the chat)
-    # The chat's newest message id when delivery of the answer began, then the
-    # id of the last part sent: after a restart, the part whose fate is unknown
-    # is looked for after it before it is sent again.
+    # Set while part `parts_sent` of the answer is being sent: the chat's newest
+    # message id known when it got its turn to go (nothing else of ours can go
+    # to the chat between then and the part). After a restart the part is looked
+    # for after it before it is sent again. None: no part is on its way.
     delivery_anchor: int | None = None
     # The workspace: what it was dispatched with (so a re-send is the same task),
     # its files, the album it collects, its Diff button.
@@ -799,13 +800,12 @@ class ManagerStore:
 
         await self.db.write(fn)
 
-    async def mark_parts_sent(
-        self, task: TaskRecord, parts: int, anchor: int | None = None
-    ) -> None:
+    async def mark_parts_sent(self, task: TaskRecord, parts: int, anchor: int | None) -> None:
+        """`parts` of the answer are in the chat; `anchor`: part `parts` is now being
+        sent, after that message (see `TaskRecord.delivery_anchor`), or None."""
         task.parts_sent = parts
-        if anchor is not None:
-            task.delivery_anchor = anchor
-        values = (parts, task.delivery_anchor, task.task_id)
+        task.delivery_anchor = anchor
+        values = (parts, anchor, task.task_id)
         await self.db.write(
             lambda c: c.execute(
                 "UPDATE tasks SET parts_sent = ?, delivery_anchor = ? WHERE task_id = ?", values
