@@ -292,6 +292,10 @@ class Bot:
         user = message.get("from")
         text = message.get("text")
         topic = topic_of(message)  # each forum topic is a conversation of its own
+        if isinstance(message.get("message_id"), int):
+            # Newer than every message of ours an earlier process posted: see
+            # Outbox.note_message_id.
+            self._outbox.note_message_id(chat_id, message["message_id"])
         if not self.allowed(user):
             self._refuse(chat_id, topic, user)
             return

@@ -198,13 +198,13 @@ class Outbox:
     # ------------------------------------------------------------------ public
 
     def note_message_id(self, chat_id: int, message_id: int) -> None:
-        """A message this process posted in `chat_id`: probes start after the newest.
-
-        Only ours: a message of ours posted by an earlier process is older than
-        any this one posts, so nothing of ours can come after the newest but
-        the send in question. A person's message can be older than answers
-        already posted (Telegram hands out an update again after a crash), and
-        a probe after it would edit such an answer.
+        """A message in `chat_id` newer than every message of ours this process did
+        not post: one it posted, or a person's from an update (polled from the
+        offset an earlier process stored, so newer than all it posted but in its
+        last poll cycle before a crash).
+        Probes start after the newest, so nothing of ours can come after it but
+        the send in question (which is why a delivery anchors each part in the
+        chat's turn, right before it goes).
         """
         if message_id > self._last_message_id.get(chat_id, 0):
             self._last_message_id[chat_id] = message_id
