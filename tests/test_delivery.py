@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -187,44 +189,56 @@ class SendsFailAfter(httpx.AsyncBaseTransport):
         return await self.inner.handle_async_request(request)
 
 
-async def test_a_shutdown_mid_answer_resumes_at_the_next_part_after_the_restart(
-    fake: FakeTelegram,
-    tmp_path: Path,
-    nursery: trio.Nursery,
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    answer = "\n\n".join(f"Paragraph {i}: " + "word " * 150 for i in range(10))
-    flaky = SendsFailAfter(fake.transport(), ok=1)
+@attrs.define
+class Process:
+    """One manager process's store, outbox and replies (a restart opens them anew)."""
+
+    store: ManagerStore
+    outbox: Outbox
+    replies: Replies
+    nursery: trio.Nursery
+
+
+@asynccontextmanager
+async def manager_process(
+    state: Path, transport: httpx.AsyncBaseTransport
+) -> AsyncIterator[Process]:
+    """Runs until the block ends, or until its nursery is cancelled (a SIGTERM, say)."""
     async with (
-        open_store(tmp_path / "state", inline_writes=True) as store,
-        httpx.AsyncClient(transport=flaky) as http,
-        trio.open_nursery() as inner,
-    ):
-        outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
-        await inner.start(outbox.run)
-        replies = Replies(outbox)
-        replies.nursery = inner
-        task = await finished_task(store, Outcome("completed", text=answer))
-        grace = ShutdownGrace(10)
-        work = delivery(store, replies)
-        work._grace = grace
-        inner.start_soon(work.deliver, task, None)
-        await trio.sleep(300)  # part 1 is in, part 2 keeps failing
-        assert task.parts_sent == 1
-        grace.begin()  # SIGTERM: protected steps get 10 s, then everything stops
-        inner.cancel_scope.cancel()
-    assert len(fake.messages(USER)) == 1
-    async with (
-        open_store(tmp_path / "state", inline_writes=True) as store,
-        httpx.AsyncClient(transport=fake.transport()) as http,
+        open_store(state, inline_writes=True) as store,
+        httpx.AsyncClient(transport=transport) as http,
+        trio.open_nursery() as nursery,
     ):
         outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
         await nursery.start(outbox.run)
         replies = Replies(outbox)
         replies.nursery = nursery
-        [again] = store.open_tasks()
+        yield Process(store, outbox, replies, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_shutdown_mid_answer_resumes_at_the_next_part_after_the_restart(
+    fake: FakeTelegram,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    answer = "\n\n".join(f"Paragraph {i}: " + "word " * 150 for i in range(10))
+    flaky = SendsFailAfter(fake.transport(), ok=1)
+    async with manager_process(tmp_path / "state", flaky) as first:
+        task = await finished_task(first.store, Outcome("completed", text=answer))
+        grace = ShutdownGrace(10)
+        work = delivery(first.store, first.replies)
+        work._grace = grace
+        first.nursery.start_soon(work.deliver, task, None)
+        await trio.sleep(300)  # part 1 is in, part 2 keeps failing
+        assert task.parts_sent == 1
+        grace.begin()  # SIGTERM: protected steps get 10 s, then everything stops
+        first.nursery.cancel_scope.cancel()
+    assert len(fake.messages(USER)) == 1
+    async with manager_process(tmp_path / "state", fake.transport()) as second:
+        [again] = second.store.open_tasks()
         assert again.parts_sent == 1
-        await delivery(store, replies).deliver(again, None)
+        await delivery(second.store, second.replies).deliver(again, None)
     texts = [m.text or "" for m in fake.messages(USER)]
     assert sum(t.startswith("Paragraph 0:") for t in texts) == 1  # nothing sent twice
     assert " ".join(texts).split() == answer.split()
@@ -271,7 +285,6 @@ async def test_after_a_restart_a_part_already_posted_is_found_not_sent_again(
 async def test_a_restart_leaves_alone_another_answer_posted_in_the_chat_meanwhile(
     fake: FakeTelegram,
     tmp_path: Path,
-    nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Two answers wait their turn in one group (3 s apart there). The manager is
@@ -280,20 +293,13 @@ async def test_a_restart_leaves_alone_another_answer_posted_in_the_chat_meanwhil
     restart must not take the first answer for it, nor edit it)."""
     fake.push_message(GROUP, "two questions")
     prompt_id = fake.transcript(GROUP)[-1].message_id
-    async with (
-        open_store(tmp_path / "state", inline_writes=True) as store,
-        httpx.AsyncClient(transport=fake.transport()) as http,
-        trio.open_nursery() as inner,
-    ):
-        outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
-        await inner.start(outbox.run)
-        replies = Replies(outbox)
-        replies.nursery = inner
+    async with manager_process(tmp_path / "state", fake.transport()) as first:
+        store = first.store
         grace = ShutdownGrace(10)
-        work = delivery(store, replies)
+        work = delivery(store, first.replies)
         work._grace = grace
         for n in range(3):  # the group's burst is spent: the answers wait their turn
-            await outbox.send(
+            await first.outbox.send(
                 "sendMessage", {"chat_id": GROUP, "text": f"Note {n}."}, priority=Priority.ANSWER
             )
         for n, text in ((1, "First answer."), (2, "Second answer.")):
@@ -303,22 +309,15 @@ async def test_a_restart_leaves_alone_another_answer_posted_in_the_chat_meanwhil
             await store.add_task(task)
             await store.mark_dispatched(task, "proxy1", None)
             await store.mark_finished(task, Outcome("completed", text=text))
-            inner.start_soon(work.deliver, task, None)
+            first.nursery.start_soon(work.deliver, task, None)
         await fake.wait_until(lambda: "First answer." in fake.texts(GROUP))
         grace.begin()  # SIGTERM while the second waits for its turn
-        inner.cancel_scope.cancel()
+        first.nursery.cancel_scope.cancel()
     notes = ["Note 0.", "Note 1.", "Note 2."]
     assert fake.texts(GROUP) == [*notes, "First answer."]
-    async with (
-        open_store(tmp_path / "state", inline_writes=True) as store,
-        httpx.AsyncClient(transport=fake.transport()) as http,
-    ):
-        outbox = Outbox(TelegramClient(http, MOCK_BASE_URL, BOT_TOKEN))
-        await nursery.start(outbox.run)
-        replies = Replies(outbox)
-        replies.nursery = nursery
-        [again] = store.open_tasks()
-        await delivery(store, replies).deliver(again, None)
+    async with manager_process(tmp_path / "state", fake.transport()) as second:
+        [again] = second.store.open_tasks()
+        await delivery(second.store, second.replies).deliver(again, None)
     assert fake.texts(GROUP) == [*notes, "First answer.", "Second answer."]
 
 
