@@ -225,8 +225,23 @@ async def test_each_waiting_send_is_woken_once(
                     sends(f"m{i}", chat),
                 )
     assert outbox.stats.sent == 400
-    assert outbox.stats.wakeups == 400  # one wake-up per send, however long it waited
+    # One wake-up per send, however long it waited (the first went at once).
+    assert outbox.stats.wakeups + outbox.stats.at_once == 400
     assert fake.stats.too_many_requests == 0
+
+
+async def test_a_send_to_an_idle_outbox_goes_without_waking_the_scheduler(
+    fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The usual case, one answer and nothing else waiting: it goes at once, not two
+    passes of the event loop later (the scheduler's, then its own)."""
+    await trio.testing.wait_all_tasks_blocked()
+    before = outbox.stats.scheduler_wakeups
+    await outbox.send("sendMessage", sends("the answer"), priority=Priority.ANSWER)
+    await outbox.send("sendMessage", sends("and a second one"), priority=Priority.ANSWER)
+    assert fake.texts(USER) == ["the answer", "and a second one"]
+    assert (outbox.stats.at_once, outbox.stats.wakeups) == (2, 0)
+    assert outbox.stats.scheduler_wakeups == before
 
 
 async def test_a_send_lost_before_telegram_got_it_is_sent_once(
@@ -329,8 +344,13 @@ async def test_chats_take_turns_when_the_bots_budget_is_the_bottleneck(
     fake: FakeTelegram, outbox: Outbox, autojump_clock: trio.testing.MockClock
 ) -> None:
     chats = list(range(1, 41))
-    for chat in chats:
+    others = list(range(101, 106))
+    for chat in chats + others:
         fake.add_chat(chat)
+    # The bot's burst is spent (on other chats), so every answer below waits:
+    # sent at once, the first few would go in the order they came.
+    for chat in others:
+        await outbox.send("sendMessage", sends("note", chat), priority=Priority.ANSWER)
     start = trio.current_time()
     first_at: dict[int, float] = {}
     queued = {chat: itertools.count() for chat in chats}
@@ -348,7 +368,7 @@ async def test_chats_take_turns_when_the_bots_budget_is_the_bottleneck(
     sent = [
         (int(r.params["chat_id"]), int(str(r.params["text"]).split()[1]))
         for r in fake.requests
-        if r.method == "sendMessage"
+        if r.method == "sendMessage" and r.params["chat_id"] in chats
     ]
     assert len(sent) == 160
     # Round robin: every chat's first part before any chat's second, and so on.
@@ -373,7 +393,9 @@ async def test_2000_waiting_sends_cost_2000_wakeups(
                     sends(f"m{i}", chat),
                 )
     assert outbox.stats.sent == 2000
-    assert outbox.stats.wakeups == 2000  # each waiting send woken once, when it may go
+    # Each waiting send woken once, when it may go (the first went at once).
+    assert outbox.stats.wakeups + outbox.stats.at_once == 2000
+    assert outbox.stats.at_once <= 5  # the bot's burst, then everyone waits its turn
     # The scheduler wakes at most once per send too: only when something may go.
     assert outbox.stats.scheduler_wakeups <= 2000
     assert fake.stats.too_many_requests == 0
