@@ -163,11 +163,11 @@ class Delivery:
         """Part `index` goes out now, in the chat's turn: stored first with the chat's
         newest message id, the only message of ours after which can be this part.
 
-        Unknown in this process (nothing seen in the chat since the start), there
-        is no safe anchor: the person's message is older than answers posted
-        before the restart, which the check after a restart would take for this
-        part (and edit). Then a part whose fate a restart made unknown is sent
-        again: a duplicate at worst.
+        Unknown (nothing posted or received in the chat since this process
+        started), there is no safe anchor: the task's own prompt may be older than
+        answers posted before a restart, which the check after the next restart
+        would take for this part (and edit). Then a part whose fate a restart
+        made unknown is sent again: a duplicate at worst.
         """
         await self._store.mark_parts_sent(task, index, NO_ANCHOR if last is None else last)
 
