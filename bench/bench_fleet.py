@@ -283,7 +283,7 @@ async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -
                         since = len(proxy.lines)
                         relay_t.append(await relay_once(fake, chats[k], f"relay {n}"))
                         turn = await proxy.wait_for_log(TURN_LINE, since=since)
-                        own_t.append(relay_t[-1] - float(turn[1]) / 1000)
+                        own_t.append(relay_t[-1] - turn_seconds(turn))
                         await trio.sleep(0.2)
                         direct_t.append(await direct.turn(threads[k], f"direct {n}"))
                         await trio.sleep(0.2)
@@ -329,8 +329,13 @@ async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -
     ]
 
 
-# The proxy's line for a finished task (codexnet/proxy/service.py): the turn alone.
-TURN_LINE = re.compile(r"task \S+: completed \(codex's turn: ([\d.]+) ms\)")
+# The proxy's line for a finished task (codexnet/proxy/service.py): the turn alone,
+# in ms (under 1 s) or s.
+TURN_LINE = re.compile(r"task \S+: completed \(codex's turn: ([\d.]+) (ms|s)\)")
+
+
+def turn_seconds(line: re.Match[str]) -> float:
+    return float(line[1]) / (1000 if line[2] == "ms" else 1)
 
 
 async def relay_once(fake: FakeTelegram, chat: int, prompt: str) -> float:
