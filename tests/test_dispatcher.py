@@ -7,7 +7,9 @@ sent again after a reconnect, what is applied once, what a proxy may not touch.
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,6 +17,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from codexnet.config import ProxyEntry
+from codexnet.db import Database
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.replies import Replies
 from codexnet.manager.store import ApprovalRecord, TaskRecord
@@ -96,6 +99,80 @@ async def test_the_result_is_stored_before_result_ack(hub: HubRunner) -> None:
         await proxy.expect(ResultAck)
     assert task.outcome is not None
     assert task.outcome.text == "kept"
+
+
+def stored_task(hub: HubRunner, task_id: str) -> tuple[str, str | None]:
+    rows = hub.store.db.read(
+        lambda c: c.execute(
+            "SELECT state, outcome FROM tasks WHERE task_id = ?", (task_id,)
+        ).fetchall()
+    )
+    return rows[0][0], rows[0][1]
+
+
+def fill_database(db: Database, *, full: bool) -> None:
+    """Full: a write that needs one more page fails as on a full disk (SQLite's own
+    SQLITE_FULL, "database or disk is full"); not full: room again."""
+
+    def limit(conn: sqlite3.Connection) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] if full else 1_073_741_823
+        conn.execute(f"PRAGMA max_page_count = {int(pages)}").fetchone()
+
+    db.read(limit)
+
+
+async def test_a_result_that_cannot_be_stored_is_not_acknowledged_and_is_stored_when_sent_again(
+    hub: HubRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = "long answer " * 6_000  # needs pages the full database has no room for
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "hello")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        await until(task, lambda: task.state == "acked")
+        fill_database(hub.store.db, full=True)
+        await proxy.send(TaskResult(task.task_id, "completed", text=answer, thread_id="th1"))
+        await proxy.closed()  # dropped, never acknowledged: the proxy keeps the result
+    assert not [f for f in proxy.received if isinstance(f, ResultAck)]
+    # Nothing shows or counts an answer the database does not have.
+    assert (task.state, task.outcome) == ("acked", None)
+    assert hub.store.running == {"p1": 1}
+    assert hub.store.conversation(task.conversation).threads == {}
+    assert stored_task(hub, task.task_id) == ("acked", None)
+    assert any(
+        "the disk is full; dropping proxy 'p1' so it sends the result again" in r.getMessage()
+        for r in caplog.records
+    )
+    fill_database(hub.store.db, full=False)
+    async with raw_proxy(hub.port, "p1", T1, finished=[task.task_id]) as proxy:
+        await proxy.send(TaskResult(task.task_id, "completed", text=answer, thread_id="th1"))
+        await proxy.expect(ResultAck)
+        state, outcome = stored_task(hub, task.task_id)
+        assert state == "finished"
+        assert outcome is not None
+        assert answer in json.loads(outcome)["text"]
+    assert task.outcome is not None
+    assert task.outcome.text == answer
+    assert hub.store.running == {}
+    assert hub.store.conversation(task.conversation).threads == {"p1": "th1"}
+
+
+async def test_a_result_sent_twice_at_once_is_stored_once_and_acknowledged_twice(
+    hub: HubRunner,
+) -> None:
+    ended: list[str] = []
+    hub.dispatcher.on_finished = lambda task: ended.append(task.task_id)
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "hello")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        result = TaskResult(task.task_id, "completed", text="once", thread_id="th1")
+        await proxy.send(result)
+        await proxy.send(result)  # the second waits while the first is committed
+        for _ in range(2):
+            await proxy.expect(ResultAck)
+            assert stored_task(hub, task.task_id)[0] == "finished"
+    assert ended == [task.task_id]
 
 
 async def test_an_acked_task_the_proxy_no_longer_has_ends_with_one_clear_line(

@@ -89,6 +89,7 @@ class Dispatcher:
         self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
         self._flood_logged: set[str] = set()  # tasks whose surplus approvals were logged
+        self._storing: dict[str, trio.Event] = {}  # tasks whose result is being committed
         hub.listener = self
 
     # ------------------------------------------------------------------ outgoing
@@ -293,7 +294,13 @@ class Dispatcher:
         await self.on_approval(task, request)
 
     async def _store_result(self, conn: ProxyConn, task: TaskRecord, frame: TaskResult) -> None:
+        # A repeat arriving while the first is being stored waits for it: it must
+        # not be acknowledged before that commit, and if the commit failed (the
+        # task is then as it was) the repeat is the one stored.
+        while (storing := self._storing.get(task.task_id)) is not None:
+            await storing.wait()
         if task.state in ("sent", "acked"):
+            self._storing[task.task_id] = stored = trio.Event()
             try:
                 await self.finish(
                     task,
@@ -311,6 +318,9 @@ class Dispatcher:
                 log.error("%s; dropping proxy %r so it sends the result again", exc, conn.proxy_id)
                 conn.scope.cancel()
                 return
+            finally:
+                del self._storing[task.task_id]
+                stored.set()
         # Committed, and the answer is on its way to the chat; once it would also
         # survive a power cut, and only then, the proxy may forget it.
         try:

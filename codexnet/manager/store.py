@@ -42,7 +42,7 @@ from typing import Any, Final, Literal
 import attrs
 import trio
 
-from codexnet.db import Database
+from codexnet.db import Database, StateError
 
 log = logging.getLogger(__name__)
 
@@ -766,20 +766,23 @@ class ManagerStore:
 
     async def mark_finished(self, task: TaskRecord, outcome: Outcome) -> None:
         """The result is committed (the answer can go out; after `db.sync()` the proxy
-        may forget it).
+        may forget it). Raises `StateError`, and then leaves the task as it was.
 
         In the same transaction the conversation remembers the thread the task
         ran on, and sticks to its proxy.
         """
-        self._not_running(task)
-        task.state, task.outcome, task.finished = "finished", outcome, time.time()
+        before = (task.state, task.outcome, task.finished, task.diff_key)
         key = task.conversation
         conv = self.conversation(key)
+        conv_before = (dict(conv.threads), conv.reset, conv.proxy)
+        self._not_running(task)
+        task.state, task.outcome, task.finished = "finished", outcome, time.time()
         ours = task.run_id is None  # an /all answer leaves the conversation alone
         if ours and outcome.thread_id and task.proxy_id:
             conv.threads[task.proxy_id] = outcome.thread_id
             conv.reset = False
             conv.proxy = task.proxy_id  # sticky: the conversation lives on this machine now
+        after = (dict(conv.threads), conv.reset, conv.proxy)
         copy = attrs.evolve(conv)
         copy.threads, copy.workdirs = dict(conv.threads), dict(conv.workdirs)
         if outcome.diff_bytes and task.proxy_id:
@@ -798,7 +801,20 @@ class ManagerStore:
             if ours and outcome.thread_id:
                 _write_conversation(c, key, copy)
 
-        await self.db.write(fn)
+        try:
+            await self.db.write(fn)
+        except StateError:
+            # Not stored, so as if it never came: the task runs on here (its
+            # proxy, never acknowledged, sends the result again), and nothing
+            # may deliver an answer the database would forget.
+            if task.diff_key is not None and task.diff_key != before[3]:
+                self.diffs.pop(task.diff_key, None)
+            task.state, task.outcome, task.finished, task.diff_key = before
+            if task.state in ("sent", "acked") and task.proxy_id is not None:
+                self.running[task.proxy_id] += 1
+            if (dict(conv.threads), conv.reset, conv.proxy) == after:  # untouched since
+                conv.threads, conv.reset, conv.proxy = conv_before
+            raise
 
     async def mark_parts_sent(self, task: TaskRecord, parts: int, anchor: int | None) -> None:
         """`parts` of the answer are in the chat; `anchor`: part `parts` is now being
