@@ -140,6 +140,7 @@ class DirectAppServer:
         self.peer: JsonRpcPeer | None = None
         self.process: trio.Process | None = None
         self._done: dict[str, trio.Event] = {}
+        self.texts: dict[str, str] = {}  # thread → its last turn's answer
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         codex = find_codex()
@@ -174,7 +175,11 @@ class DirectAppServer:
             await trio.sleep_forever()
 
     def _on_notification(self, method: str, params: dict[str, Any]) -> None:
-        if method == "turn/completed":
+        if method == "item/completed":
+            item = params.get("item") or {}
+            if item.get("type") == "agentMessage":
+                self.texts[str(params.get("threadId"))] = str(item.get("text", ""))
+        elif method == "turn/completed":
             event = self._done.get(str(params.get("threadId")))
             if event is not None:
                 event.set()
@@ -198,6 +203,38 @@ class DirectAppServer:
         with trio.fail_after(60):
             await done.wait()
         return time.perf_counter() - start
+
+
+class MinimalBot:
+    """The floor for any Telegram bot on a warm app-server: one process, the
+    `getUpdates` long poll, `turn/start` on the bench's direct app-server,
+    `sendMessage` with the answer. No store, no second process, no limiter —
+    what codexnet's relay is, less the guarantees. Its own Bot API (a second
+    fake, so two pollers never compete for one bot's updates)."""
+
+    def __init__(self, fake: FakeTelegram, app: DirectAppServer) -> None:
+        self.fake = fake
+        self.app = app
+        self.threads: dict[int, str] = {}  # chat → its thread on the app-server
+        self.turns: dict[int, float] = {}  # chat → its last turn's seconds
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        base = f"{self.fake.base_url}/bot{BOT_TOKEN}"
+        async with httpx.AsyncClient(timeout=60) as http, trio.open_nursery() as nursery:
+            task_status.started()
+            offset = 0
+            while True:
+                got = await http.post(f"{base}/getUpdates", json={"offset": offset, "timeout": 30})
+                for update in got.json()["result"]:
+                    offset = update["update_id"] + 1
+                    chat, text = update["message"]["chat"]["id"], update["message"]["text"]
+                    nursery.start_soon(self._answer, http, base, chat, text)
+
+    async def _answer(self, http: httpx.AsyncClient, base: str, chat: int, text: str) -> None:
+        thread = self.threads[chat]
+        self.turns[chat] = await self.app.turn(thread, text)
+        answer = {"chat_id": chat, "text": self.app.texts[thread]}
+        (await http.post(f"{base}/sendMessage", json=answer)).raise_for_status()
 
 
 async def codex_exec(env: dict[str, str], cwd: Path, prompt: str) -> float:
@@ -236,15 +273,20 @@ async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -
     chats = [FIRST_CHAT + i for i in range(4)]  # rotated: each chat's 1 msg/s never paces
     model = FakeResponsesAPI()
     fake = FakeTelegram(BOT_TOKEN)
+    bare = FakeTelegram(BOT_TOKEN)  # the minimal bot's own Bot API
     for chat in chats:
         fake.add_chat(chat)
+        bare.add_chat(chat)
     relay_t: list[float] = []
+    bare_t: list[float] = []  # the minimal one-process bot
+    bare_own: list[float] = []  # each of its messages less its own turn
     own_t: list[float] = []  # each relayed message less its own turn at the proxy's codex
     direct_t: list[float] = []
     exec_t: list[float] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(model.serve)
         await nursery.start(fake.serve)
+        await nursery.start(bare.serve)
         relay_env = write_codex_home(work / "codex-relay", model.base_url)
         direct_env = write_codex_home(work / "codex-direct", model.base_url)
         exec_env = write_codex_home(work / "codex-exec", model.base_url)
@@ -268,10 +310,14 @@ async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -
                 direct = DirectAppServer(direct_env, cwd)
                 await nursery.start(direct.serve)
                 threads = [await direct.new_thread() for _ in chats]
+                bot = MinimalBot(bare, direct)  # on the same codex as `direct`: no noise between
+                bot.threads = {chat: await direct.new_thread() for chat in chats}
+                await nursery.start(bot.serve)
                 # Warm-up: every chat and thread has its first (costlier) turn behind it.
                 for i, (chat, thread) in enumerate(zip(chats, threads, strict=True)):
                     await relay_once(fake, chat, f"warm {i}")
                     await direct.turn(thread, f"warm {i}")
+                    await relay_once(bare, chat, f"warm {i}")
                 await trio.sleep(1.5)
                 async with (
                     # Sampled often: each message costs them only a few ms of CPU.
@@ -287,6 +333,9 @@ async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -
                         await trio.sleep(0.2)
                         direct_t.append(await direct.turn(threads[k], f"direct {n}"))
                         await trio.sleep(0.2)
+                        bare_t.append(await relay_once(bare, chats[k], f"bare {n}"))
+                        bare_own.append(bare_t[-1] - bot.turns[chats[k]])
+                        await trio.sleep(0.2)
                         if n % 3 == 0:
                             exec_t.append(await codex_exec(exec_env, cwd, f"exec {n}"))
                             await trio.sleep(0.2)
@@ -294,6 +343,8 @@ async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -
     r50, r90 = statistics.median(relay_t), pct(relay_t, 0.9)
     d50, d90 = statistics.median(direct_t), pct(direct_t, 0.9)
     o50, o90 = statistics.median(own_t), pct(own_t, 0.9)
+    b50, b90 = statistics.median(bare_t), pct(bare_t, 0.9)
+    bo50, bo90 = statistics.median(bare_own), pct(bare_own, 0.9)
     e50 = statistics.median(exec_t)
     return [
         Row(
@@ -320,6 +371,21 @@ async def relay_and_exec(work: Path, rounds: int, profile: Path | None = None) -
             "the relay's own time per message (less its turn at codex), p50 / p90",
             f"{ms(o50)} / {ms(o90)}",
             "the rows above less codex's noise (two codex processes' turns differ by ±5 ms)",
+        ),
+        Row(
+            "a minimal one-process bot: message → answer at the Bot API, p50 / p90",
+            f"{ms(b50)} / {ms(b90)}",
+            "getUpdates → turn on the direct app-server → sendMessage; no store, no proxy",
+        ),
+        Row(
+            "the minimal bot's own time per message (less its turn), p50 / p90",
+            f"{ms(bo50)} / {ms(bo90)}",
+            "the Bot API's two HTTP exchanges: the floor for any bot",
+        ),
+        Row(
+            "the relay's own time above the minimal bot's, p50 / p90",
+            f"+{ms(o50 - bo50)} / +{ms(o90 - bo90)}",
+            "codexnet's split and guarantees: 2 WebSocket hops, 4 commits",
         ),
         Row(
             f"codex exec --json per message, p50 ({len(exec_t)} runs)",
