@@ -17,7 +17,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from codexnet.config import ProxyEntry
-from codexnet.db import Database
+from codexnet.db import Database, StateError
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.replies import Replies
 from codexnet.manager.store import ApprovalRecord, TaskRecord
@@ -173,6 +173,37 @@ async def test_a_result_sent_twice_at_once_is_stored_once_and_acknowledged_twice
             await proxy.expect(ResultAck)
             assert stored_task(hub, task.task_id)[0] == "finished"
     assert ended == [task.task_id]
+
+
+def refuse_task_updates(db: Database, *, refuse: bool) -> None:
+    """While refused, SQLite itself fails every UPDATE of a task ("not authorized")."""
+
+    def authorize(action: int, table: str | None, *rest: object) -> int:
+        denied = action == sqlite3.SQLITE_UPDATE and table == "tasks"
+        return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
+
+    db.read(lambda c: c.set_authorizer(authorize if refuse else None))
+
+
+async def test_a_dispatch_that_cannot_be_stored_leaves_the_task_queued_and_unsent(
+    hub: HubRunner,
+) -> None:
+    task = hub.store.new_task(0, 0, "hello", task_id="t-unstored", timeout_s=120)
+    await hub.store.add_task(task)
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        refuse_task_updates(hub.store.db, refuse=True)
+        with pytest.raises(StateError, match="not authorized"):
+            await hub.dispatcher.dispatch(task, "p1", None)
+        assert (task.state, task.proxy_id) == ("queued", None)
+        assert hub.store.running == {}
+        assert not [f for f in await proxy.nothing_for(0.3) if isinstance(f, Task)]
+    refuse_task_updates(hub.store.db, refuse=False)
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        # Not journalled as sent, so not sent again after a reconnect either.
+        assert not [f for f in await proxy.nothing_for(0.3) if isinstance(f, Task)]
+        await hub.dispatcher.dispatch(task, "p1", None)  # the lane's retry
+        assert (await proxy.expect(Task)).task_id == "t-unstored"
+    assert hub.store.running == {"p1": 1}
 
 
 async def test_an_acked_task_the_proxy_no_longer_has_ends_with_one_clear_line(

@@ -679,7 +679,12 @@ class ManagerStore:
         task.persisted.set()
 
     async def mark_dispatched(self, task: TaskRecord, proxy_id: str, thread_id: str | None) -> None:
-        """Committed before the task frame is sent: the task belongs to `proxy_id` from now on."""
+        """Committed before the task frame is sent: the task belongs to `proxy_id` from now on.
+
+        Raises `StateError`, and then leaves the task queued, as it was: no
+        reconnect sends a task the database does not say was sent.
+        """
+        before = (task.state, task.proxy_id, task.thread_id, task.dispatched)
         self._running_now(task, proxy_id)
         task.state, task.proxy_id, task.thread_id = "sent", proxy_id, thread_id
         task.dispatched = time.time()
@@ -694,13 +699,19 @@ class ManagerStore:
             task.notice,
             task.task_id,
         )
-        await self.db.write(
-            lambda c: c.execute(
-                "UPDATE tasks SET state = 'sent', proxy_id = ?, thread_id = ?, dispatched = ?,"
-                " model = ?, effort = ?, cwd = ?, notice = ? WHERE task_id = ?",
-                values,
+        try:
+            await self.db.write(
+                lambda c: c.execute(
+                    "UPDATE tasks SET state = 'sent', proxy_id = ?, thread_id = ?, dispatched = ?,"
+                    " model = ?, effort = ?, cwd = ?, notice = ? WHERE task_id = ?",
+                    values,
+                )
             )
-        )
+        except StateError:
+            if before[0] == "queued":
+                self._not_running(task)
+            task.state, task.proxy_id, task.thread_id, task.dispatched = before
+            raise
 
     async def add_attachment(
         self, task: TaskRecord, attachment: Attachment, caption: str | None = None
