@@ -16,7 +16,10 @@ Rows (each says what it measures and what bounds it):
    proxy and codex, to the answer at the fake Bot API — vs `turn/start` →
    `turn/completed` on a warm app-server driven directly, the same codex and
    model, rounds interleaved; and the relay's own time, each message less
-   its own turn at the proxy's codex (from the proxy's log line);
+   its own turn at the proxy's codex (from the proxy's log line); beside it
+   a minimal one-process bot (getUpdates → a turn on the direct app-server →
+   sendMessage, no store), whose own time is the floor the Bot API's two HTTP
+   exchanges set for any bot;
 2. a warm app-server turn vs `codex exec --json` per message (a new process
    each time, what exec-based bots do), interleaved with row 1;
 3. the hub at 10 / 100 / 1 000 / 5 000 simulated proxies speaking the real
