@@ -11,16 +11,18 @@ import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed
 
 from codexnet.config import ProxyEntry
 from codexnet.db import Database, StateError
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.replies import Replies
-from codexnet.manager.store import ApprovalRecord, TaskRecord
+from codexnet.manager.store import ApprovalRecord, Outcome, TaskRecord
 from codexnet.protocol import (
     CLOSE_FOREIGN,
     ApprovalDecision,
@@ -204,6 +206,48 @@ async def test_a_dispatch_that_cannot_be_stored_leaves_the_task_queued_and_unsen
         await hub.dispatcher.dispatch(task, "p1", None)  # the lane's retry
         assert (await proxy.expect(Task)).task_id == "t-unstored"
     assert hub.store.running == {"p1": 1}
+
+
+async def test_a_result_arriving_while_another_end_is_committed_is_not_acknowledged_before_it(
+    hub: HubRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager ends a task (its timeout, say) while its result comes in: the
+    result waits for that commit, which may fail and undo the end."""
+    async with raw_proxy(hub.port, "p1", T1) as proxy:
+        task = await hub.start_task("p1", "hello")
+        await proxy.expect(Task)
+        await proxy.send(TaskAck(task.task_id))
+        await until(task, lambda: task.state == "acked")
+        # The timeout's commit is held until the result has arrived; then both are refused.
+        held = trio.Event()
+        write = hub.store.db.write
+
+        async def held_write(*args: Any, **kwargs: Any) -> None:
+            await held.wait()
+            await write(*args, **kwargs)
+
+        monkeypatch.setattr(hub.store.db, "write", held_write)
+        refuse_task_updates(hub.store.db, refuse=True)
+        async with trio.open_nursery() as nursery:
+
+            async def time_out() -> None:
+                with pytest.raises(StateError):
+                    await hub.dispatcher.finish(task, Outcome("failed", line="⏱ timed out"))
+
+            nursery.start_soon(time_out)
+            await trio.testing.wait_all_tasks_blocked()
+            await proxy.send(TaskResult(task.task_id, "completed", text="the answer"))
+            await trio.testing.wait_all_tasks_blocked()
+            held.set()
+        await proxy.closed()  # the result could not be stored either: dropped, unacknowledged
+    assert not [f for f in proxy.received if isinstance(f, ResultAck)]
+    assert (task.state, task.outcome) == ("acked", None)
+    refuse_task_updates(hub.store.db, refuse=False)
+    async with raw_proxy(hub.port, "p1", T1, finished=[task.task_id]) as proxy:
+        await proxy.send(TaskResult(task.task_id, "completed", text="the answer"))
+        await proxy.expect(ResultAck)
+    assert task.outcome is not None
+    assert task.outcome.text == "the answer"
 
 
 async def test_an_acked_task_the_proxy_no_longer_has_ends_with_one_clear_line(

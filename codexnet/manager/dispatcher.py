@@ -89,7 +89,7 @@ class Dispatcher:
         self.nursery: trio.Nursery | None = None  # for work that must not hold up a link
         self._foreign_logged: dict[str, float] = {}
         self._flood_logged: set[str] = set()  # tasks whose surplus approvals were logged
-        self._storing: dict[str, trio.Event] = {}  # tasks whose result is being committed
+        self._storing: dict[str, trio.Event] = {}  # tasks whose end is being committed
         hub.listener = self
 
     # ------------------------------------------------------------------ outgoing
@@ -106,10 +106,19 @@ class Dispatcher:
         await self._hub.send(task.proxy_id, self._task_frame(task))
 
     async def finish(self, task: TaskRecord, outcome: Outcome) -> None:
-        """End `task` here (a manager-side failure, or the proxy's result)."""
+        """End `task` here (a manager-side failure, or the proxy's result); raises
+        `StateError` if it cannot be stored, and then the task is as it was."""
+        await self._stored(task)
         if task.state in ("finished", "done"):
             return
-        await self._store.mark_finished(task, outcome)
+        # Until committed, anything else that would end the task, or acknowledge
+        # its result, waits (`_stored`): the commit may yet fail and undo this.
+        self._storing[task.task_id] = storing = trio.Event()
+        try:
+            await self._store.mark_finished(task, outcome)
+        finally:
+            del self._storing[task.task_id]
+            storing.set()
         self._flood_logged.discard(task.task_id)
         task.poke()
         self.on_finished(task)
@@ -297,10 +306,8 @@ class Dispatcher:
         # A repeat arriving while the first is being stored waits for it: it must
         # not be acknowledged before that commit, and if the commit failed (the
         # task is then as it was) the repeat is the one stored.
-        while (storing := self._storing.get(task.task_id)) is not None:
-            await storing.wait()
+        await self._stored(task)
         if task.state in ("sent", "acked"):
-            self._storing[task.task_id] = stored = trio.Event()
             try:
                 await self.finish(
                     task,
@@ -318,9 +325,6 @@ class Dispatcher:
                 log.error("%s; dropping proxy %r so it sends the result again", exc, conn.proxy_id)
                 conn.scope.cancel()
                 return
-            finally:
-                del self._storing[task.task_id]
-                stored.set()
         # Committed, and the answer is on its way to the chat; once it would also
         # survive a power cut, and only then, the proxy may forget it.
         try:
@@ -329,6 +333,11 @@ class Dispatcher:
             log.error("%s; the result of task %s is not acknowledged yet", exc, task.task_id)
             return
         await conn.send(ResultAck(task.task_id))
+
+    async def _stored(self, task: TaskRecord) -> None:
+        """Wait while an end of `task` is being committed (`finish`)."""
+        while (storing := self._storing.get(task.task_id)) is not None:
+            await storing.wait()
 
     @staticmethod
     def _apply(task: TaskRecord, event: TaskEvent) -> bool:
