@@ -303,9 +303,10 @@ class Dispatcher:
         await self.on_approval(task, request)
 
     async def _store_result(self, conn: ProxyConn, task: TaskRecord, frame: TaskResult) -> None:
-        # A repeat arriving while the first is being stored waits for it: it must
-        # not be acknowledged before that commit, and if the commit failed (the
-        # task is then as it was) the repeat is the one stored.
+        # While an end of the task is being committed (a copy of this result, the
+        # manager's timeout) this waits: it must not be acknowledged before that
+        # commit, and if the commit failed (the task is then as it was) this
+        # result is the one stored.
         await self._stored(task)
         if task.state in ("sent", "acked"):
             try:
