@@ -10,10 +10,15 @@ import httpx
 import pytest
 import trio
 
+import codexnet.db
+import codexnet.manager.telegram
+import codexnet.proxy.appserver
+import codexnet.proxy.service
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
 from codexnet.manager.service import Manager, run_manager
 from codexnet.manager.telegram import TelegramClient
+from codexnet.ratelog import Throttle
 from tests.fakes.loglines import logged  # noqa: F401 (a fixture for every test)
 from tests.fakes.rawproxy import RawProxy, raw_proxy
 from tests.fakes.stack import BOT_TOKEN, PROXY_TOKEN, USER, manager_config
@@ -44,6 +49,20 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         and not os.environ.get("PYTEST_XDIST_WORKER")
     ):
         option.numprocesses = min(8, 2 * (os.cpu_count() or 1))  # more only adds start-up
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_throttles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own once-a-minute log throttles (`codexnet.ratelog`): they keep
+    instants of one trio run's clock, meaningless in the next test's run, where a
+    line logged by an earlier test could hide the one a test looks for."""
+    for module in (
+        codexnet.db,
+        codexnet.manager.telegram,
+        codexnet.proxy.appserver,
+        codexnet.proxy.service,
+    ):
+        monkeypatch.setattr(module, "_throttled", Throttle())
 
 
 # The real manager in this process against the fake Bot API over HTTP, and a

@@ -132,6 +132,7 @@ async def test_a_result_that_cannot_be_stored_is_not_acknowledged_and_is_stored_
         await proxy.expect(Task)
         await proxy.send(TaskAck(task.task_id))
         await until(task, lambda: task.state == "acked")
+        await hub.store.db.write(lambda c: None)  # the ack's own write is committed first
         fill_database(hub.store.db, full=True)
         await proxy.send(TaskResult(task.task_id, "completed", text=answer, thread_id="th1"))
         await proxy.closed()  # dropped, never acknowledged: the proxy keeps the result
@@ -218,6 +219,7 @@ async def test_a_result_arriving_while_another_end_is_committed_is_not_acknowled
         await proxy.expect(Task)
         await proxy.send(TaskAck(task.task_id))
         await until(task, lambda: task.state == "acked")
+        await hub.store.db.write(lambda c: None)  # the ack's own write is committed first
         # The timeout's commit is held until the result has arrived; then both are refused.
         held = trio.Event()
         write = hub.store.db.write
