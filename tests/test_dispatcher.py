@@ -40,7 +40,7 @@ from codexnet.protocol import (
     Welcome,
 )
 from tests.fakes.hubrun import HubRunner, open_hub
-from tests.fakes.rawproxy import raw_proxy
+from tests.fakes.rawproxy import RawProxy, raw_proxy
 from tests.fakes.stack import USER
 from tests.fakes.telegram_api import FakeTelegram
 
@@ -58,6 +58,26 @@ async def until(task: TaskRecord, predicate: object) -> None:
     with trio.fail_after(10):
         while not predicate():  # type: ignore[operator]
             await task.changed.wait()
+
+
+async def acked_task(hub: HubRunner, proxy: RawProxy) -> TaskRecord:
+    """A task sent to `proxy` and acknowledged by it, the ack's own (non-essential)
+    write committed: a test may then make the database refuse what comes next."""
+    task = await hub.start_task("p1", "hello")
+    await proxy.expect(Task)
+    await proxy.send(TaskAck(task.task_id))
+    await until(task, lambda: task.state == "acked")
+    await hub.store.db.write(lambda c: None)  # writes commit in order: the ack's is before
+    return task
+
+
+def stored_task(hub: HubRunner, task_id: str) -> tuple[str, str | None]:
+    rows = hub.store.db.read(
+        lambda c: c.execute(
+            "SELECT state, outcome FROM tasks WHERE task_id = ?", (task_id,)
+        ).fetchall()
+    )
+    return rows[0][0], rows[0][1]
 
 
 async def test_a_task_lost_with_the_link_is_sent_again_until_acknowledged(hub: HubRunner) -> None:
@@ -89,27 +109,15 @@ async def test_the_result_is_stored_before_result_ack(hub: HubRunner) -> None:
         await proxy.send(TaskResult(task.task_id, "completed", text="kept"))
         await proxy.expect(ResultAck)
         # By the time the proxy may forget it, the answer is in the database.
-        rows = hub.store.db.read(
-            lambda c: c.execute(
-                "SELECT state, outcome FROM tasks WHERE task_id = ?", (task.task_id,)
-            ).fetchall()
-        )
-        assert rows[0][0] == "finished"
-        assert '"kept"' in rows[0][1]
+        state, outcome = stored_task(hub, task.task_id)
+        assert state == "finished"
+        assert outcome is not None
+        assert '"kept"' in outcome
         # A repeat (the ack was lost) is acknowledged again and changes nothing.
         await proxy.send(TaskResult(task.task_id, "failed", error="stale"))
         await proxy.expect(ResultAck)
     assert task.outcome is not None
     assert task.outcome.text == "kept"
-
-
-def stored_task(hub: HubRunner, task_id: str) -> tuple[str, str | None]:
-    rows = hub.store.db.read(
-        lambda c: c.execute(
-            "SELECT state, outcome FROM tasks WHERE task_id = ?", (task_id,)
-        ).fetchall()
-    )
-    return rows[0][0], rows[0][1]
 
 
 def fill_database(db: Database, *, full: bool) -> None:
@@ -128,11 +136,7 @@ async def test_a_result_that_cannot_be_stored_is_not_acknowledged_and_is_stored_
 ) -> None:
     answer = "long answer " * 6_000  # needs pages the full database has no room for
     async with raw_proxy(hub.port, "p1", T1) as proxy:
-        task = await hub.start_task("p1", "hello")
-        await proxy.expect(Task)
-        await proxy.send(TaskAck(task.task_id))
-        await until(task, lambda: task.state == "acked")
-        await hub.store.db.write(lambda c: None)  # the ack's own write is committed first
+        task = await acked_task(hub, proxy)
         fill_database(hub.store.db, full=True)
         await proxy.send(TaskResult(task.task_id, "completed", text=answer, thread_id="th1"))
         await proxy.closed()  # dropped, never acknowledged: the proxy keeps the result
@@ -215,11 +219,7 @@ async def test_a_result_arriving_while_another_end_is_committed_is_not_acknowled
     """The manager ends a task (its timeout, say) while its result comes in: the
     result waits for that commit, which may fail and undo the end."""
     async with raw_proxy(hub.port, "p1", T1) as proxy:
-        task = await hub.start_task("p1", "hello")
-        await proxy.expect(Task)
-        await proxy.send(TaskAck(task.task_id))
-        await until(task, lambda: task.state == "acked")
-        await hub.store.db.write(lambda c: None)  # the ack's own write is committed first
+        task = await acked_task(hub, proxy)
         # The timeout's commit is held until the result has arrived; then both are refused.
         held = trio.Event()
         write = hub.store.db.write
