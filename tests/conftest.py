@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,10 +11,6 @@ import httpx
 import pytest
 import trio
 
-import codexnet.db
-import codexnet.manager.telegram
-import codexnet.proxy.appserver
-import codexnet.proxy.service
 from codexnet.manager.outbox import Outbox
 from codexnet.manager.replies import Replies
 from codexnet.manager.service import Manager, run_manager
@@ -55,14 +52,13 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 def fresh_log_throttles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test its own once-a-minute log throttles (`codexnet.ratelog`): they keep
     instants of one trio run's clock, meaningless in the next test's run, where a
-    line logged by an earlier test could hide the one a test looks for."""
-    for module in (
-        codexnet.db,
-        codexnet.manager.telegram,
-        codexnet.proxy.appserver,
-        codexnet.proxy.service,
-    ):
-        monkeypatch.setattr(module, "_throttled", Throttle())
+    line logged by an earlier test could hide the one a test looks for. Every
+    module-level one is replaced, so a module that adds one is covered too."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("codexnet."):
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, Throttle):
+                    monkeypatch.setattr(module, attr, Throttle())
 
 
 # The real manager in this process against the fake Bot API over HTTP, and a
