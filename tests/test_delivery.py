@@ -21,6 +21,7 @@ import trio.testing
 from codexnet.manager.approvals import Approvals
 from codexnet.manager.delivery import Delivery
 from codexnet.manager.grace import ShutdownGrace
+from codexnet.manager.liveview import LiveView
 from codexnet.manager.outbox import Outbox, Priority
 from codexnet.manager.render import Chunk
 from codexnet.manager.replies import Replies, answer_parts
@@ -176,13 +177,15 @@ async def test_delivery_gives_up_at_delivery_give_up_s_and_says_so_in_the_log(
 
 
 class SendsFailAfter(httpx.AsyncBaseTransport):
-    """Telegram becomes unreachable for sendMessage after the first `ok` of them."""
+    """Telegram becomes unreachable for `method` after the first `ok` of them."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, ok: int) -> None:
-        self.inner, self.ok, self.count = inner, ok, 0
+    def __init__(
+        self, inner: httpx.AsyncBaseTransport, ok: int, method: str = "sendMessage"
+    ) -> None:
+        self.inner, self.ok, self.count, self.method = inner, ok, 0, method
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/sendMessage"):
+        if request.url.path.endswith(f"/{self.method}"):
             self.count += 1
             if self.count > self.ok:
                 raise httpx.ConnectError("unreachable", request=request)
@@ -326,3 +329,99 @@ def part_params(part: Chunk) -> dict[str, object]:
     if part.entities:
         params["entities"] = list(part.entities)
     return params
+
+
+def status_view(outbox: Outbox, chat_id: int, message_id: int) -> LiveView:
+    """The live view of a task that ran long enough to show its status message."""
+    return LiveView(
+        outbox,
+        chat_id,
+        "proxy1",
+        interval=1.0,
+        use_draft=False,
+        cancel_data=f"c:{chat_id}",
+        message_id=message_id,
+    )
+
+
+async def test_chats_ending_at_once_get_every_answer_before_any_status_line(
+    fake: FakeTelegram,
+    store: ManagerStore,
+    replies: Replies,
+    tg: TelegramClient,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """30 streamed tasks end together: the bot's 25 requests/s are the bottleneck.
+    Each chat's answer does not wait behind its own status line, so all the
+    answers are in within ~1 s, and only then are the views closed."""
+    chats = [USER + 1 + n for n in range(30)]
+    views = []
+    for chat in chats:
+        fake.add_chat(chat)
+        status = await tg.request("sendMessage", {"chat_id": chat, "text": "⏳ working"})
+        views.append(status_view(replies.outbox, chat, status["message_id"]))
+    await trio.sleep(5)  # the fake's own limits forget the status messages
+    tasks = []
+    for n, chat in enumerate(chats):
+        task = store.new_task(chat, 0, "the prompt", task_id=f"t{n}", timeout_s=60)
+        await store.add_task(task)
+        await store.mark_dispatched(task, "proxy1", None)
+        await store.mark_finished(task, Outcome("completed", text=f"Answer {n}."))
+        tasks.append(task)
+    since = len(fake.requests)
+    start = trio.current_time()
+    work = delivery(store, replies)
+    async with trio.open_nursery() as nursery:
+        for task, view in zip(tasks, views, strict=True):
+            nursery.start_soon(work.deliver, task, view)
+    sent = fake.requests[since:]
+    order = [r.method for r in sent if r.status == 200]
+    assert order == ["sendMessage"] * 30 + ["editMessageText"] * 30
+    answered = max(r.time for r in sent if r.method == "sendMessage")
+    assert answered - start <= 30 / 25
+    for n, (chat, view) in enumerate(zip(chats, views, strict=True)):
+        [closed, answer] = fake.messages(chat)
+        assert closed.message_id == view.status_message_id
+        assert (closed.text or "").startswith("✅ Done")
+        assert answer.text == f"Answer {n}."
+    assert all(task.state == "done" for task in tasks)
+    assert fake.stats.too_many_requests == 0
+
+
+async def test_a_shutdown_between_the_answer_and_the_status_line_closes_the_view_after_the_restart(
+    fake: FakeTelegram,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The answer is in; the status line cannot be set (Telegram refuses edits for
+    now) when the manager stops. The task is still in the journal: after the
+    restart its view is closed, and the answer is not sent again."""
+    edits_fail = SendsFailAfter(fake.transport(), ok=0, method="editMessageText")
+    async with manager_process(tmp_path / "state", edits_fail) as first:
+        store = first.store
+        status = await first.outbox.send(
+            "sendMessage", {"chat_id": USER, "text": "⏳ working"}, priority=Priority.LIVE
+        )
+        status_id = status["message_id"]
+        task = await finished_task(store, Outcome("completed", text="The answer."))
+        task.view_message_id = status_id
+        store.save_view(task)
+        grace = ShutdownGrace(10)
+        work = delivery(store, first.replies)
+        work._grace = grace
+        first.nursery.start_soon(work.deliver, task, status_view(first.outbox, USER, status_id))
+        await fake.wait_until(lambda: "The answer." in fake.texts(USER))
+        await trio.sleep(30)  # the status line keeps failing
+        grace.begin()  # SIGTERM: protected steps get 10 s, then everything stops
+        first.nursery.cancel_scope.cancel()
+    assert fake.texts(USER) == ["⏳ working", "The answer."]
+    async with manager_process(tmp_path / "state", fake.transport()) as second:
+        [again] = second.store.open_tasks()
+        assert again.parts_sent == 1
+        assert again.view_message_id == status_id
+        view = status_view(second.outbox, USER, status_id)
+        await delivery(second.store, second.replies).deliver(again, view)
+        assert second.store.open_tasks() == []
+    [closed, answer] = fake.messages(USER)
+    assert (closed.text or "").startswith("✅ Done")
+    assert answer.text == "The answer."

@@ -18,7 +18,7 @@ import trio
 
 from tests.fakes.stack import USER, Stack, free_port, open_stack
 from tests.test_e2e_streaming import button_data, status_message, wait
-from tests.test_e2e_telegram import journal, statuses, texts, wait_journal
+from tests.test_e2e_telegram import closed_status, journal, statuses, texts, wait_journal
 
 pytestmark = pytest.mark.e2e
 
@@ -64,9 +64,7 @@ async def test_after_a_restart_the_live_view_resumes_and_its_cancel_button_works
             # The old button, pressed after the restart, still stops the task.
             stack.telegram.push_callback(USER, view.message_id, cancel)
             await wait(stack, lambda: any(t.startswith("⏹ Cancelled.") for t in texts(stack)))
-            await wait(
-                stack, lambda: (stack.telegram.message(USER, view.message_id).text or "") != ""
-            )
+            await closed_status(stack)
     final = stack.telegram.message(USER, view.message_id)
     assert re.match(r"⏹ Cancelled · proxy1 · \d:\d\d", final.text or ""), final.text
     assert button_data(final) == []
@@ -86,6 +84,7 @@ async def test_a_restart_mid_turn_keeps_the_view_and_delivers_one_answer(stack: 
         view = status_message(stack)
         async with stack.manager(manager_ws_listen=listen):
             await wait(stack, lambda: any("tick 10" in t for t in texts(stack)))
+            await closed_status(stack)
     assert texts(stack) == [" ".join(f"tick {i}" for i in range(1, 11))]
     # One status message, carried across the restart and closed with its final line.
     assert len(statuses(stack)) == 1

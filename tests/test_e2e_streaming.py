@@ -17,7 +17,7 @@ import trio
 from tests.fakes.responses_api import long_text
 from tests.fakes.stack import STRANGER, USER, Stack, open_stack
 from tests.fakes.telegram_api import StoredMessage
-from tests.test_e2e_telegram import say, statuses, texts
+from tests.test_e2e_telegram import closed_status, say, texts
 
 pytestmark = pytest.mark.e2e
 GROUP = -100500
@@ -50,12 +50,13 @@ async def wait(stack: Stack, predicate: object, seconds: float = 60) -> None:
 async def test_a_slow_answer_streams_into_a_draft_without_a_single_429(stack: Stack) -> None:
     async with stack.manager() as hub, stack.proxy(hub):
         await say(stack, "[[slow:8]]", expect="tick 8")
+        status = await closed_status(stack)
     drafts = [t for texts_ in stack.telegram.drafts(USER).values() for t in texts_]
     partial = {t for t in drafts if "tick 1" in t and "tick 8" not in t}
     assert len(partial) >= 2, drafts  # the person saw it grow
     assert all(re.match(r"⏳ proxy1 · 0:\d\d · ", t) for t in drafts)
     assert texts(stack)[-1] == " ".join(f"tick {i}" for i in range(1, 9))
-    assert re.fullmatch(r"✅ Done · proxy1 · 0:0\d", statuses(stack)[-1])
+    assert re.fullmatch(r"✅ Done · proxy1 · 0:0\d", status)
     assert stack.telegram.chat_actions(USER)  # "typing" while it worked
     assert stack.telegram.stats.too_many_requests == 0
 
@@ -101,8 +102,9 @@ async def test_slash_cancel_stops_a_long_turn(stack: Stack) -> None:
         started = trio.current_time()
         await say(stack, "/cancel", expect="Cancelled")
         assert trio.current_time() - started < 10
+        status = await closed_status(stack)
     assert texts(stack)[-1].startswith("⏹ Cancelled.")
-    assert re.match(r"⏹ Cancelled · proxy1", statuses(stack)[-1])
+    assert re.match(r"⏹ Cancelled · proxy1", status)
     with trio.fail_after(10):
         await stack.model.requests[-1].wait_ended()
     assert stack.model.requests[-1].disconnected  # codex really stopped the model call
@@ -240,8 +242,9 @@ async def test_fifty_chats_streaming_at_once_stay_under_every_limit(stack: Stack
 async def test_a_turn_over_its_time_limit_is_stopped_and_says_so(stack: Stack) -> None:
     async with stack.manager(task_timeout_s=3.0) as hub, stack.proxy(hub):
         [line] = await say(stack, "[[slow:60]]", expect="Timed out")
+        status = await closed_status(stack)
     assert line.startswith("⏱ Timed out: no answer within 3 s.\n\ntick 1")
-    assert re.match(r"⏱ Timed out · proxy1 · 0:0\d", statuses(stack)[-1])
+    assert re.match(r"⏱ Timed out · proxy1 · 0:0\d", status)
 
 
 async def test_a_crashed_app_server_is_reported_and_replaced(stack: Stack) -> None:

@@ -54,6 +54,19 @@ def statuses(stack: Stack, chat_id: int = USER) -> list[str]:
     return [m.text or "" for m in stack.telegram.messages(chat_id) if STATUS.match(m.text or "")]
 
 
+async def closed_status(stack: Stack, chat_id: int = USER, seconds: float = 20) -> str:
+    """The chat's newest status line, once the task's final line replaced "⏳"
+    (it follows the answer, so it may still be on its way when the answer is in)."""
+
+    def closed() -> bool:
+        lines = statuses(stack, chat_id)
+        return bool(lines) and not lines[-1].startswith("⏳")
+
+    with trio.fail_after(seconds):
+        await stack.telegram.wait_until(closed)
+    return statuses(stack, chat_id)[-1]
+
+
 async def say(stack: Stack, text: str, *, expect: str, chat_id: int = USER) -> list[str]:
     """Write `text` as the user and wait until a bot message contains `expect`."""
     before = len(texts(stack, chat_id))

@@ -7,7 +7,9 @@ retried with backoff while Telegram is unreachable or failing, across
 restarts, until `delivery_give_up_s` after the task finished; only when every
 part is accepted (or given up, which is logged) does the task leave the
 journal. The live view's status message is closed with the task's final line
-first (an idempotent edit).
+after the answer (an idempotent edit), and before the task leaves the journal:
+under load the chats' answers go before any status line (`deliver`), and a
+restart in between still closes the view.
 """
 
 from __future__ import annotations
@@ -92,13 +94,6 @@ class Delivery:
         # (a quick task shows none) on the last part of the answer.
         diff = diff_keyboard(task.diff_key) if task.diff_key else None
         on_view = view is not None and view.status_message_id is not None
-        if view is not None:
-            with self._grace.protect() as step:
-                await view.finish(
-                    FINISH_LINES.get(outcome.status, "⚠️ Failed"), until=until, markup=diff
-                )
-            if step.cancelled_caught:
-                return  # shutting down: the next start picks it up from here
         text = describe_outcome(outcome)
         if task.notice:  # a failover, or an /all answer: its first line says where
             text = f"{task.notice}\n\n{text}"
@@ -151,12 +146,24 @@ class Delivery:
                         total,
                         task.task_id,
                     )
-                if index + 1 == total:
+                if index + 1 == total and not on_view:
                     await self._store.mark_done(task, index + 1)  # one write for both
                     return
                 await self._store.mark_parts_sent(task, index + 1, None)
             if step.cancelled_caught:
                 return  # shutting down: the next start resumes at the part not yet counted
+        if on_view:
+            assert view is not None
+            # After the answer: when the bot's budget is the bottleneck (many chats
+            # ending at once), every chat's answer goes before any status line,
+            # instead of each answer waiting behind its own chat's edit. Before
+            # the task leaves the journal: a restart in between still closes it.
+            with self._grace.protect() as step:
+                await view.finish(
+                    FINISH_LINES.get(outcome.status, "⚠️ Failed"), until=until, markup=diff
+                )
+            if step.cancelled_caught:
+                return  # shutting down: the next start closes the view from here
         await self._store.mark_done(task)
 
     async def _anchor(self, task: TaskRecord, index: int, last: int | None) -> None:
